@@ -1,0 +1,26 @@
+# The README's two commands, and the pieces they are made of.
+PYTHON ?= python3
+
+.PHONY: install test test-deps lint typecheck clean
+
+install:
+	$(PYTHON) -m pip install .
+
+# Installs everything the suite needs (the package built in place with its
+# Cython core, the test extra, Debian's Chromium for the browser tests), then
+# runs the whole suite on both backends.
+test: test-deps
+	$(PYTHON) -m pytest
+
+test-deps:
+	FASTRELAY_BUILD_EXTENSION=yes $(PYTHON) -m pip install -e '.[test]'
+	bash scripts/ensure-chromium.sh
+
+lint:
+	$(PYTHON) -m ruff check fastrelay tests bench
+
+typecheck:
+	$(PYTHON) -m mypy
+
+clean:
+	rm -rf build dist *.egg-info fastrelay/_core.c fastrelay/*.so

@@ -1,0 +1,111 @@
+"""Configuration of the relay: one dataclass and the parsers for its values.
+
+Every limit the relay enforces lives here with its default, so the CLI, the
+README and RelayServer agree on one list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DEFAULT_SOCKET_PATH",
+    "ServeConfig",
+    "default_socket_path",
+    "parse_mode",
+    "parse_size",
+]
+
+DEFAULT_SOCKET_PATH = "/tmp/statemachine-events.sock"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kib|kb|k|mib|mb|m|gib|gb|g)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1,
+    "k": 1024, "kb": 1024, "kib": 1024,
+    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+}
+
+
+def default_socket_path() -> str:
+    """The datagram socket path: $FASTRELAY_SOCKET, else the original design's path."""
+    return os.environ.get("FASTRELAY_SOCKET") or DEFAULT_SOCKET_PATH
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``65536``, ``64KiB`` or ``4MiB`` into bytes; raises ValueError with a readable message."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(text)
+        if not match:
+            raise ValueError(f"invalid size {text!r}: use a byte count or a KiB/MiB suffix, like 4MiB")
+        unit = match.group(2).lower() if match.group(2) else None
+        value = int(match.group(1)) * _SIZE_UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}: must be positive")
+    return value
+
+
+def parse_mode(text: str | int) -> int:
+    """Parse a file mode given in octal (``0o660`` or ``660``)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        digits = text.strip().lower().removeprefix("0o")
+        try:
+            value = int(digits, 8)
+        except ValueError:
+            raise ValueError(f"invalid file mode {text!r}: use octal, like 0o660 or 660") from None
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"invalid file mode {text!r}: must be between 0 and 0o777")
+    return value
+
+
+@dataclass
+class ServeConfig:
+    """Everything `fastrelay serve` can be told; the defaults are the documented ones."""
+
+    host: str = "127.0.0.1"
+    port: int = 3002
+    socket_path: str = field(default_factory=default_socket_path)
+    socket_mode: int = 0o660
+    ws_path: str = "/ws/events"
+    ping_interval: float = 10.0
+    #: A client that sends nothing for this many ping intervals is closed.
+    pong_misses: int = 3
+    send_timeout: float = 2.0
+    max_client_buffer: int = 4 * 1024 * 1024
+    max_datagram: int = 64 * 1024
+    #: Registry size: beyond it the least recently active machine is forgotten.
+    max_machines: int = 100_000
+    #: Datagrams taken from the socket per readable event before yielding to the loop.
+    batch_cap: int = 1024
+    #: Largest frame a client may send us (pongs and refreshes are tiny).
+    max_client_frame: int = 64 * 1024
+    hang_threshold: float = 15.0
+    heartbeat_interval: float = 5.0
+    log_dir: str = "logs"
+    allow_origins: list[str] = field(default_factory=list)
+    token: str | None = None
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first option whose value cannot work."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: must be between 0 and 65535")
+        if not self.ws_path.startswith("/"):
+            raise ValueError(f"--path {self.ws_path!r}: must start with /")
+        for name in ("ping_interval", "send_timeout", "hang_threshold", "heartbeat_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.max_datagram > 16 * 1024 * 1024:
+            raise ValueError("--max-datagram: at most 16MiB (the kernel caps datagrams well below)")
+        if self.max_machines <= 0 or self.batch_cap <= 0:
+            raise ValueError("--max-machines and --batch-cap must be positive")
+        if self.backend not in ("auto", "cython", "python"):
+            raise ValueError(f"--backend {self.backend!r}: use auto, cython or python")
+        if not self.socket_path:
+            raise ValueError("--socket: the path must not be empty")

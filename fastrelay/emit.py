@@ -1,0 +1,283 @@
+"""The emitter: hand one JSON datagram per event to the relay and return at once.
+
+Only the standard library and orjson are imported here, so a state machine that
+does ``import fastrelay`` to emit pays nothing for the server.
+
+Why a backlog: the kernel queues at most ``net.unix.max_dgram_qlen`` datagrams
+per Unix datagram socket (10 on many hosts). A burst from one process would
+therefore be dropped whenever the relay is not running at that instant. On
+EAGAIN the event waits, in order, in a bounded per-process deque; a daemon
+thread polls the connected socket for POLLOUT (which Linux reports when the
+relay's queue has room) and flushes it. The caller never waits for the relay.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any
+
+import orjson
+
+from .config import default_socket_path
+
+__all__ = ["DEFAULT_BACKLOG", "DROP_REASONS", "Emitter", "default_emitter", "emit", "send_event"]
+
+DEFAULT_BACKLOG = 10_000
+#: Why an event can be dropped; every drop is counted under one of these.
+DROP_REASONS = ("no_relay", "backlog_full", "too_large", "unserializable", "os_error")
+
+# A connected datagram socket whose relay went away reports one of these; the
+# relay may have restarted on the same path, so reconnect once before giving up.
+_GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET})
+_FLUSH_POLL_MS = 100  # how often the flusher re-checks a relay that stopped answering POLLOUT
+# Datagrams the flusher sends per hold of the lock: an emitting thread never
+# waits behind a long drain.
+_FLUSH_CHUNK = 32
+_DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS  # json.dumps accepted int keys; stay compatible
+
+
+class Emitter:
+    """Send events to a fastrelay socket: one reused socket per process, thread- and fork-safe.
+
+    ``emit`` never raises and never blocks on the relay. It returns True when
+    the event was handed to the kernel or queued in the backlog, False when it
+    was dropped (see :attr:`dropped` for why).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        *,
+        backlog: int = DEFAULT_BACKLOG,
+        exit_flush_timeout: float = 2.0,
+    ) -> None:
+        if backlog < 0:
+            raise ValueError("backlog must be >= 0")
+        self.socket_path = socket_path or default_socket_path()
+        self.backlog_limit = backlog
+        #: At interpreter exit, wait at most this long for the backlog to reach the relay.
+        self.exit_flush_timeout = exit_flush_timeout
+        self._reset_state()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (e := ref()) and e._reset_state())
+        atexit.register(_flush_at_exit, ref)
+
+    def _reset_state(self) -> None:
+        # Also the after-fork hook: the child gets its own lock, socket and an
+        # empty backlog (the parent's queued events are the parent's to send).
+        old = getattr(self, "_sock", None)
+        if old is not None:
+            old.close()
+        self._lock = threading.Lock()
+        self._has_backlog = threading.Condition(self._lock)
+        self._sock: socket.socket | None = None
+        self._backlog: deque[bytes] = deque()
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+        self.sent = 0
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+
+    # -- public API ---------------------------------------------------------
+
+    def emit(self, event_type: str, machine_id: str | None = None, /, **fields: Any) -> bool:
+        """Send ``{"type": event_type, "machine_id": machine_id, "timestamp": now, **fields}``.
+
+        ``timestamp`` is filled only when absent; ``machine_id`` is left out when None.
+        Never raises; returns False when the event was dropped.
+        """
+        event: dict[str, Any] = {"type": event_type}
+        if machine_id is not None:
+            event["machine_id"] = machine_id
+        event["timestamp"] = time.time()
+        event.update(fields)
+        try:
+            payload = orjson.dumps(event, option=_DUMPS_OPTIONS)
+        except (TypeError, orjson.JSONEncodeError):
+            with self._lock:
+                self.dropped["unserializable"] += 1
+            return False
+        return self.send_bytes(payload)
+
+    def send_bytes(self, payload: bytes) -> bool:
+        """Send one already-serialized JSON object. Never raises; False when dropped."""
+        with self._lock:
+            if self._backlog:  # keep order: nothing overtakes what is already waiting
+                return self._enqueue(payload)
+            sock = self._sock or self._connect()
+            if sock is None:
+                self.dropped["no_relay"] += 1
+                return False
+            return self._send_now(sock, payload, retry=True)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the backlog has reached the relay; True when it is empty.
+
+        The only method that may wait, and only when asked to.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._backlog:
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+
+    @property
+    def pending(self) -> int:
+        """Events waiting in the backlog."""
+        return len(self._backlog)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process: sent, pending, dropped by reason."""
+        with self._lock:
+            return {"sent": self.sent, "pending": len(self._backlog), "dropped": dict(self.dropped)}
+
+    def close(self) -> None:
+        """Drop the socket and the backlog (counted as no_relay); later emits reconnect."""
+        with self._lock:
+            self.dropped["no_relay"] += len(self._backlog)
+            self._backlog.clear()
+            self._close_socket()
+
+    # -- internals (called with the lock held) --------------------------------
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            return None
+        self._sock = sock
+        return sock
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _send_now(self, sock: socket.socket, payload: bytes, *, retry: bool) -> bool:
+        try:
+            sock.send(payload)
+        except BlockingIOError:
+            return self._enqueue(payload)
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS:
+                self._close_socket()
+                fresh = self._connect() if retry else None
+                if fresh is not None:
+                    return self._send_now(fresh, payload, retry=False)
+                self.dropped["no_relay"] += 1
+            elif exc.errno == errno.EMSGSIZE:
+                self.dropped["too_large"] += 1
+            else:
+                self.dropped["os_error"] += 1
+            return False
+        self.sent += 1
+        return True
+
+    def _enqueue(self, payload: bytes) -> bool:
+        if len(self._backlog) >= self.backlog_limit:
+            self.dropped["backlog_full"] += 1
+            return False
+        self._backlog.append(payload)
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="fastrelay-emit-flusher", daemon=True
+            )
+            self._flusher.start()
+        else:
+            self._has_backlog.notify()
+        return True
+
+    def _flush_loop(self) -> None:
+        poller = select.poll()
+        polled: socket.socket | None = None
+        room = False
+        while True:
+            with self._has_backlog:
+                while not self._backlog:
+                    self._has_backlog.wait()
+                sock = self._sock
+            if sock is not None and not room:
+                if sock is not polled:
+                    if polled is not None:
+                        try:
+                            poller.unregister(polled)
+                        except (KeyError, ValueError):
+                            pass
+                    poller.register(sock, select.POLLOUT)
+                    polled = sock
+                poller.poll(_FLUSH_POLL_MS)
+            with self._lock:
+                room = self._drain_backlog(_FLUSH_CHUNK)
+
+    def _drain_backlog(self, limit: int) -> bool:
+        """Send up to ``limit`` queued events; True when the socket may take more."""
+        backlog = self._backlog
+        while backlog and limit > 0:
+            sock = self._sock or self._connect()
+            if sock is None:
+                self.dropped["no_relay"] += len(backlog)
+                backlog.clear()
+                return False
+            try:
+                sock.send(backlog[0])
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    self._close_socket()  # the next turn reconnects or gives up
+                    continue
+                self.dropped["too_large" if exc.errno == errno.EMSGSIZE else "os_error"] += 1
+                backlog.popleft()
+                continue
+            backlog.popleft()
+            self.sent += 1
+            limit -= 1
+        return limit == 0
+
+
+def _flush_at_exit(ref: weakref.ref[Emitter]) -> None:
+    emitter = ref()
+    if emitter is not None and emitter.pending:
+        emitter.flush(emitter.exit_flush_timeout)
+
+
+_default: Emitter | None = None
+_default_lock = threading.Lock()
+
+
+def default_emitter() -> Emitter:
+    """The process-wide emitter behind :func:`emit` (socket from $FASTRELAY_SOCKET or the default)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Emitter()
+    return _default
+
+
+def emit(event_type: str, machine_id: str | None = None, /, **fields: Any) -> bool:
+    """Emit one event through the process-wide emitter. Never raises, never blocks.
+
+    Returns True when the event was handed to the kernel or the backlog, False
+    when it was dropped (no relay listening, backlog full, too large, or not
+    serializable); ``default_emitter().dropped`` counts why.
+    """
+    return default_emitter().emit(event_type, machine_id, **fields)
+
+
+def send_event(event_type: str, machine_id: str, **kwargs: Any) -> bool:
+    """The original design's ``send_event(event_type, machine_id, **kwargs)``, same wire format."""
+    return default_emitter().emit(event_type, machine_id, **kwargs)

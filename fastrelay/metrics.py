@@ -1,0 +1,89 @@
+"""Prometheus exposition of the hub's plain counters, read at scrape time.
+
+Nothing on the hot path touches prometheus_client: a custom collector turns
+the hub's integers into metric families only when /metrics is requested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from ._hubdefs import BATCH_BUCKETS
+from .watchdog import LoopMonitor
+
+__all__ = ["CONTENT_TYPE", "MetricsExporter"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _HubCollector:
+    def __init__(self, hub: Any, monitor: LoopMonitor) -> None:
+        self.hub = hub
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        yield CounterMetricFamily(
+            "fastrelay_events_accepted", "Datagrams accepted and relayed.", value=hub.accepted)
+        yield CounterMetricFamily(
+            "fastrelay_events_relayed", "Event deliveries (events x clients).", value=hub.relayed)
+        rejected = CounterMetricFamily(
+            "fastrelay_events_rejected", "Datagrams dropped, by reason.", labels=["reason"])
+        for reason, n in hub.rejects.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield GaugeMetricFamily(
+            "fastrelay_clients_connected", "WebSocket clients receiving events.",
+            value=len(hub.clients))
+        closed = CounterMetricFamily(
+            "fastrelay_clients_closed", "Clients gone, by reason.", labels=["reason"])
+        for reason, n in hub.closed.items():
+            closed.add_metric([reason], n)
+        yield closed
+        yield GaugeMetricFamily(
+            "fastrelay_machines", "Machines in the registry.", value=len(hub.machines))
+        yield CounterMetricFamily(
+            "fastrelay_machines_evicted", "Machines forgotten because the registry was full.",
+            value=hub.evicted)
+        yield CounterMetricFamily(
+            "fastrelay_frames_sent", "WebSocket frames written to clients.", value=hub.frames_sent)
+        yield CounterMetricFamily(
+            "fastrelay_bytes_sent", "Bytes written to clients.", value=hub.bytes_sent)
+        yield _batch_histogram(hub)
+        yield GaugeMetricFamily(
+            "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",
+            value=self.monitor.last_lag)
+
+
+def _batch_histogram(hub: Any) -> HistogramMetricFamily:
+    counts = list(hub.batch_histogram)
+    buckets = []
+    running = 0
+    for bound, n in zip(BATCH_BUCKETS, counts, strict=False):
+        running += n
+        buckets.append((str(bound), running))
+    buckets.append(("+Inf", running + counts[-1]))
+    return HistogramMetricFamily(
+        "fastrelay_batch_size", "Datagrams per drained batch.",
+        buckets=buckets, sum_value=hub.accepted,
+    )
+
+
+class MetricsExporter:
+    """Renders /metrics for one hub."""
+
+    def __init__(self, hub: Any, monitor: LoopMonitor) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_HubCollector(hub, monitor))  # type: ignore[arg-type]
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

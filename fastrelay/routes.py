@@ -1,0 +1,91 @@
+"""The relay's small HTTP surface: /healthz, /api/machines, /metrics and the dashboard."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from .server import RelayServer
+
+__all__ = ["Response", "Routes"]
+
+_JSON = "application/json"
+_STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+
+
+class Routes:
+    """Answers the plain-HTTP GETs that arrive on the WebSocket port."""
+
+    def __init__(self, server: RelayServer) -> None:
+        self.server = server
+        self._static: dict[str, Response] = {}
+
+    def get(self, path: str) -> Response | None:
+        """The response for ``path``, or None for 404."""
+        if path == "/healthz":
+            return Response(200, _JSON, orjson.dumps(self.health()))
+        if path == "/api/machines":
+            return Response(200, _JSON, self.server.hub.machines_payload())
+        if path == "/metrics":
+            from .metrics import CONTENT_TYPE
+
+            return Response(200, CONTENT_TYPE, self.server.metrics.render())
+        if path in ("/", "/index.html"):
+            return self.static("index.html")
+        if path.startswith("/static/"):
+            return self.static(path[len("/static/"):])
+        return None
+
+    def health(self) -> dict[str, Any]:
+        server = self.server
+        hub = server.hub
+        return {
+            "status": "ok",
+            "backend": hub.backend,
+            "version": __version__,
+            "clients": len(hub.clients),
+            "machines": len(hub.machines),
+            "events": {"accepted": hub.accepted, "relayed": hub.relayed},
+            "rejects": dict(hub.rejects),
+            "closed": dict(hub.closed),
+            "loop_lag_ms": round(server.monitor.last_lag * 1000, 3),
+            "uptime_s": round(server.uptime, 3),
+            "ws_path": server.config.ws_path,
+        }
+
+    def static(self, name: str) -> Response | None:
+        cached = self._static.get(name)
+        if cached is not None:
+            return cached
+        suffix = name[name.rfind("."):] if "." in name else ""
+        if not _STATIC_NAME.match(name) or suffix not in _STATIC_TYPES:
+            return None
+        try:
+            body = resources.files("fastrelay").joinpath("static", name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        response = Response(200, _STATIC_TYPES[suffix], body)
+        self._static[name] = response
+        return response

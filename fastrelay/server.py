@@ -1,0 +1,218 @@
+"""RelayServer: the datagram socket, the picows endpoint and the policies around the hub."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import replace
+from typing import Any
+
+from picows import (
+    WSCloseCode,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+from ._backend import load_hub
+from .access import AccessPolicy, split_target
+from .config import ServeConfig
+from .datagram import bind_datagram_socket, max_dgram_qlen, socket_inode, unlink_socket
+from .heartbeat import Heartbeat
+from .keepalive import Keepalive
+from .routes import Routes
+from .watchdog import LoopMonitor, Watchdog
+
+__all__ = ["TEST_HOOKS", "RelayServer"]
+
+log = logging.getLogger("fastrelay")
+
+#: Enables /_test/* routes (a handler that blocks the loop, for the watchdog
+#: test). Read once; never set it in production.
+TEST_HOOKS = os.environ.get("FASTRELAY_TEST_HOOKS") == "1"
+#: Below this, tell the operator the kernel will make emitters queue (DESIGN §4).
+_LOW_QLEN = 64
+#: Initial per-connection read buffer: clients send only pongs and refreshes,
+#: so a small one keeps idle clients cheap (picows grows it when needed).
+_READ_BUFFER = 2048
+
+
+class RelayServer:
+    """What ``fastrelay serve`` runs: ``await start()`` / ``await stop()``, or ``async with``.
+
+    Keyword arguments override fields of ``config`` (see :class:`ServeConfig`).
+    """
+
+    def __init__(self, config: ServeConfig | None = None, **overrides: Any) -> None:
+        config = replace(config or ServeConfig(), **overrides)
+        config.validate()
+        self.config = config
+        self.hub: Any = load_hub(config.backend).Hub(
+            max_datagram=config.max_datagram,
+            max_client_buffer=config.max_client_buffer,
+            max_machines=config.max_machines,
+            batch_cap=config.batch_cap,
+        )
+        self.backend: str = self.hub.backend
+        self.monitor = LoopMonitor()
+        self.keepalive = Keepalive(
+            self.hub,
+            ping_interval=config.ping_interval,
+            pong_misses=config.pong_misses,
+            send_timeout=config.send_timeout,
+        )
+        self.heartbeat = Heartbeat(self.hub, self.monitor, config.heartbeat_interval)
+        self.access = AccessPolicy(config.allow_origins, config.token)
+        self.routes = Routes(self)
+        self._metrics: Any = None
+        self._watchdog: Watchdog | None = None
+        self._ws_server: asyncio.Server | None = None
+        self._sock: Any = None
+        self._sock_inode = 0
+        self._started_at = time.monotonic()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the socket and the port and start relaying. Raises SocketInUse or OSError."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        os.makedirs(config.log_dir, exist_ok=True)
+        self._sock = bind_datagram_socket(config.socket_path, config.socket_mode)
+        self._sock_inode = socket_inode(config.socket_path)
+        try:
+            self._ws_server = await ws_create_server(
+                self._route,
+                config.host,
+                config.port,
+                websocket_handshake_timeout=min(config.send_timeout * 2.5, 5.0),
+                max_frame_size=config.max_client_frame,
+                enable_auto_ping=False,
+                enable_auto_pong=True,
+                read_buffer_init_size=_READ_BUFFER,
+                logger_name="server",
+                backlog=1024,
+            )
+        except BaseException:
+            self._close_socket()
+            raise
+        self._started_at = time.monotonic()
+        self.hub.attach(self._sock, loop)
+        self.monitor.start(loop)
+        self.keepalive.start(loop)
+        self.heartbeat.start(loop)
+        self._watchdog = Watchdog(self.monitor, config.hang_threshold, config.log_dir)
+        self._watchdog.start()
+        qlen = max_dgram_qlen()
+        if qlen is not None and qlen < _LOW_QLEN:
+            log.warning(
+                "net.unix.max_dgram_qlen is %d: at most %d datagrams wait for the relay, so bursts "
+                "queue in the emitters' backlogs; raise it with "
+                "`sysctl -w net.unix.max_dgram_qlen=512` (persist in /etc/sysctl.d/)", qlen, qlen,
+            )
+
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop accepting, close every client with 1001, remove the socket file.
+
+        Clients get ``grace`` seconds to read what they were sent; then they are aborted.
+        """
+        if self._ws_server is None:
+            return
+        self._ws_server.close()
+        self.hub.detach()
+        self._close_socket()
+        for client in list(self.hub.clients):
+            self.hub.close_client(client, WSCloseCode.GOING_AWAY, b"relay shutting down", "shutdown")
+        deadline = time.monotonic() + grace
+        while self.hub.stalled and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for client in list(self.hub.stalled):
+            self.hub.abort_client(client, "shutdown")
+        await asyncio.sleep(0)  # let aborted transports report connection_lost
+        self.keepalive.stop()
+        self.heartbeat.stop()
+        self.monitor.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._ws_server = None
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            unlink_socket(self.config.socket_path, self._sock_inode)
+            self._sock.close()
+            self._sock = None
+
+    # -- facts -------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful with port 0)."""
+        assert self._ws_server is not None and self._ws_server.sockets
+        return int(self._ws_server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}{self.config.ws_path}"
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_at
+
+    @property
+    def metrics(self) -> Any:
+        if self._metrics is None:  # prometheus_client is loaded on the first scrape
+            from .metrics import MetricsExporter
+
+            self._metrics = MetricsExporter(self.hub, self.monitor)
+        return self._metrics
+
+    @property
+    def hangs(self) -> int:
+        return self._watchdog.hangs if self._watchdog is not None else 0
+
+    # -- routing -------------------------------------------------------------------
+
+    def _route(self, request: WSUpgradeRequest) -> Any:
+        path, query = split_target(request.path)
+        headers = request.headers
+        if not self.access.origin_allowed(headers.get("Origin"), headers.get("Host")):
+            return _error(403, b"origin not allowed: start the relay with --allow-origin ORIGIN\n")
+        if path != "/healthz" and not self.access.token_ok(query, headers.get("Authorization")):
+            return _error(401, b"token required: pass ?token=... or Authorization: Bearer ...\n",
+                          {"WWW-Authenticate": "Bearer"})
+        if path == self.config.ws_path:
+            return self.hub.make_listener()
+        if TEST_HOOKS and path == "/_test/block":
+            seconds = float(query.get("seconds", ["1"])[0])
+            time.sleep(seconds)  # deliberately blocks the loop
+            return _ok("text/plain", b"blocked\n")
+        response = self.routes.get(path)
+        if response is None:
+            return None  # picows answers 404
+        return _ok(response.content_type, response.body)
+
+
+def _ok(content_type: str, body: bytes) -> WSUpgradeResponseWithListener:
+    response = WSUpgradeResponse.create_ok_response(
+        body, {"Content-Type": content_type, "Cache-Control": "no-store"})
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def _error(status: int, body: bytes,
+           headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:
+    extra = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
+    return WSUpgradeResponseWithListener(
+        WSUpgradeResponse.create_error_response(status, body, extra), None)

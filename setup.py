@@ -1,0 +1,85 @@
+"""Build fastrelay, with the Cython core when it can be built.
+
+FASTRELAY_BUILD_EXTENSION selects the build, once, here:
+  unset  try to compile fastrelay._core; on any failure print one line and
+         build the pure-Python package (the relay then runs its Python hub);
+  yes    the extension must build: a failure fails the install (CI, wheels);
+  no     pure build, no compiler needed.
+FASTRELAY_NO_EXTENSIONS=1 (the runtime switch) also means a pure build.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).parent
+_SWITCH = os.environ.get("FASTRELAY_BUILD_EXTENSION", "").strip().lower()
+if os.environ.get("FASTRELAY_NO_EXTENSIONS"):
+    _SWITCH = "no"
+if _SWITCH not in ("", "yes", "no"):
+    sys.exit(f"FASTRELAY_BUILD_EXTENSION must be 'yes', 'no' or unset, not {_SWITCH!r}")
+MUST_BUILD = _SWITCH == "yes"
+PURE = _SWITCH == "no" or sys.implementation.name != "cpython" or os.name != "posix"
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that degrades to a pure build unless the extension is required."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # compiler missing, headers missing, ...
+            self._fallback(exc)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._fallback(exc)
+        else:
+            print("fastrelay: accelerated build (Cython core compiled)")
+
+    @staticmethod
+    def _fallback(exc: BaseException) -> None:
+        if MUST_BUILD:
+            raise exc
+        print(
+            f"fastrelay: pure build, the Cython core was not compiled ({exc.__class__.__name__}: "
+            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else 'no detail'}); "
+            "the relay will run its pure-Python backend",
+            file=sys.stderr,
+        )
+
+
+def extensions() -> list[Extension]:
+    if PURE:
+        print("fastrelay: pure build (FASTRELAY_BUILD_EXTENSION=no or FASTRELAY_NO_EXTENSIONS set)")
+        return []
+    source = HERE / "fastrelay" / "_core.pyx"
+    if not source.exists():
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError as exc:
+        if MUST_BUILD:
+            raise
+        print(f"fastrelay: pure build, Cython is not installed ({exc})", file=sys.stderr)
+        return []
+    ext = Extension(
+        "fastrelay._core",
+        ["fastrelay/_core.pyx"],
+        extra_compile_args=["-O3"],
+    )
+    try:
+        return list(cythonize([ext], language_level=3, quiet=True))
+    except Exception as exc:
+        if MUST_BUILD:
+            raise
+        print(f"fastrelay: pure build, Cython could not translate the core ({exc})", file=sys.stderr)
+        return []
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -1,0 +1,182 @@
+"""Start and drive `fastrelay serve` subprocesses for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_STARTED = re.compile(r"relaying (\S+) -> (ws://\S+) \(backend (\w+)")
+
+
+class Relay:
+    """One running relay subprocess and handy ways to talk to it."""
+
+    def __init__(self, proc: subprocess.Popen[str], socket_path: str, url: str, backend: str,
+                 log_dir: Path, args: list[str]) -> None:
+        self.proc = proc
+        self.socket_path = socket_path
+        self.url = url
+        self.backend = backend
+        self.log_dir = log_dir
+        self.args = args
+        self.http = url.split("/ws/")[0].replace("ws://", "http://", 1)
+        self.port = int(self.http.rsplit(":", 1)[1])
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        self._dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    # -- input ----------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        """Send one raw datagram, retrying briefly on EAGAIN (the kernel queue is short)."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                self._dgram.sendto(payload, self.socket_path)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.0005)
+
+    def emit(self, event_type: str, machine_id: str | None = None, **fields: Any) -> dict[str, Any]:
+        event: dict[str, Any] = {"type": event_type, "timestamp": time.time()}
+        if machine_id is not None:
+            event["machine_id"] = machine_id
+        event.update(fields)
+        self.send(orjson.dumps(event))
+        return event
+
+    # -- HTTP -----------------------------------------------------------------
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
+        request = urllib.request.Request(self.http + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read(), response.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), exc.headers
+
+    def health(self) -> dict[str, Any]:
+        status, body, _ = self.get("/healthz")
+        assert status == 200, body
+        return json.loads(body)
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
+            time.sleep(0.02)
+
+    def wait_accepted(self, n: int, timeout: float = 10.0) -> None:
+        self.wait_for(lambda: self.health()["events"]["accepted"] >= n, timeout, f"{n} accepted")
+
+    # -- process ----------------------------------------------------------------
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def log_text(self) -> str:
+        path = self.log_dir / "websocket-server.log"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._dgram.close()
+        self._reader.join(2)
+        return self.proc.returncode
+
+
+class RelayFactory:
+    """Starts relays for one test on one backend; stops them all afterwards."""
+
+    def __init__(self, backend: str, workdir: Path) -> None:
+        self.backend = backend
+        self.workdir = workdir
+        self.relays: list[Relay] = []
+        self._n = 0
+
+    def socket_path(self) -> str:
+        self._n += 1
+        # AF_UNIX paths are limited to 108 bytes: keep them short, outside tmp_path.
+        return f"/tmp/frt-{os.getpid()}-{id(self) % 100000}-{self._n}.sock"
+
+    def start(self, *extra: str, socket_path: str | None = None, port: int = 0,
+              env: dict[str, str] | None = None, ping_interval: float = 10.0,
+              preexec: Any = None) -> Relay:
+        socket_path = socket_path or self.socket_path()
+        log_dir = self.workdir / f"logs{len(self.relays)}"
+        args = [
+            sys.executable, "-m", "fastrelay", "serve", "--port", str(port),
+            "--socket", socket_path, "--log-dir", str(log_dir), "--backend", self.backend,
+            "--ping-interval", str(ping_interval), *extra,
+        ]
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, preexec_fn=preexec,
+        )
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            match = _STARTED.search(line)
+            if match:
+                relay = Relay(proc, match.group(1), match.group(2), match.group(3), log_dir, args)
+                relay.output.extend(lines)
+                self.relays.append(relay)
+                return relay
+        proc.kill()
+        raise AssertionError("relay did not start:\n" + "".join(lines) + (proc.stdout.read() or ""))
+
+    def run_failing(self, *extra: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        """Run `fastrelay serve` expecting it to exit on its own."""
+        args = [sys.executable, "-m", "fastrelay", "serve", "--backend", self.backend, *extra]
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+    def stop_all(self) -> None:
+        for relay in self.relays:
+            relay.stop()

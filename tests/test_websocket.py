@@ -1,0 +1,190 @@
+"""The WebSocket contract (DESIGN §2): snapshot, ordering, pings, pongs, refresh, bad frames."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import orjson
+import pytest
+import websockets
+from clients import PONG, connect, expect_silence, picows_client, recv_events, recv_json
+from picows import WSMsgType
+
+
+async def test_initial_snapshot_comes_first_with_registry(relay_factory):
+    relay = relay_factory.start()
+    relay.emit("state_change", "m1", state="idle", data={"k": 1})
+    relay.emit("state_change", "m2", state="busy")
+    relay.wait_accepted(2)
+    async with await connect(relay.url) as ws:
+        initial = await recv_json(ws)
+    assert initial["type"] == "initial"
+    assert isinstance(initial["timestamp"], float)
+    machines = {m["id"]: m for m in initial["machines"]}
+    assert machines["m1"]["current_state"] == "idle"
+    assert machines["m1"]["data"] == {"k": 1}
+    assert machines["m2"]["current_state"] == "busy"
+    assert machines["m2"]["last_activity"] > 0
+
+
+async def test_events_relayed_in_order_with_previous_state(relay):
+    async with await connect(relay.url) as ws:
+        await recv_json(ws)
+        relay.emit("state_change", "w1", state="a")
+        relay.emit("log", "w1", message="hello")
+        relay.emit("state_change", "w1", state="b")
+        relay.emit("state_change", "w1", state="c", previous_state="given")
+        events = await recv_events(ws, 4)
+    assert [e["type"] for e in events] == ["state_change", "log", "state_change", "state_change"]
+    assert events[0]["previous_state"] is None
+    assert "previous_state" not in events[1]
+    assert events[2]["previous_state"] == "a"
+    assert events[3]["previous_state"] == "given"
+    assert events[1]["message"] == "hello"
+
+
+async def test_snapshot_then_every_later_event_once(relay):
+    """Connect while events stream in: the snapshot plus what follows is exact."""
+    stop = asyncio.Event()
+    sent: list[int] = []
+
+    async def stream() -> None:
+        n = 0
+        while not stop.is_set():
+            relay.emit("state_change", "seq", state=str(n), n=n)
+            sent.append(n)
+            n += 1
+            if n % 20 == 0:
+                await asyncio.sleep(0)
+
+    task = asyncio.create_task(stream())
+    await asyncio.sleep(0.05)
+    ws = await connect(relay.url)
+    initial = await recv_json(ws)
+    await asyncio.sleep(0.1)
+    stop.set()
+    await task
+    total = sent[-1] + 1
+    relay.wait_accepted(total)
+    seen_state = {m["id"]: m["current_state"] for m in initial["machines"]}.get("seq")
+    first = int(seen_state) + 1 if seen_state is not None else 0
+    events = await recv_events(ws, total - first)
+    await ws.close()
+    assert [e["n"] for e in events] == list(range(first, total))
+
+
+async def test_json_pings_and_both_pong_forms_keep_clients(relay_factory):
+    relay = relay_factory.start(ping_interval=0.2)
+    async with await connect(relay.url) as json_ws, await connect(relay.url) as bare_ws:
+        await recv_json(json_ws)
+        await recv_json(bare_ws)
+        started = time.monotonic()
+        pings = 0
+        while time.monotonic() - started < 1.5:  # > 3 ping intervals
+            for ws, pong in ((json_ws, PONG), (bare_ws, "pong")):
+                message = await recv_json(ws, 2)
+                assert message["type"] == "ping"
+                assert isinstance(message["timestamp"], float)
+                pings += 1
+                await ws.send(pong)
+        assert pings >= 10
+        assert relay.health()["clients"] == 2
+
+
+async def test_silent_client_closed_after_three_ping_intervals(relay_factory):
+    relay = relay_factory.start(ping_interval=0.2)
+    async with await connect(relay.url) as silent:
+        await recv_json(silent)
+        started = time.monotonic()
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await asyncio.wait_for(silent.recv(), 5)
+        elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed <= 2.5, elapsed
+    assert silent.close_code == 1011
+    relay.wait_for(lambda: relay.health()["closed"]["unresponsive"] == 1, what="unresponsive count")
+
+
+async def test_refresh_answered_with_fresh_initial(relay):
+    async with await connect(relay.url) as ws:
+        first = await recv_json(ws)
+        assert first["machines"] == []
+        relay.emit("state_change", "r1", state="on")
+        assert (await recv_events(ws, 1))[0]["state"] == "on"
+        await ws.send(orjson.dumps({"type": "refresh"}).decode())
+        again = (await recv_events(ws, 1))[0]
+    assert again["type"] == "initial"
+    assert [m["current_state"] for m in again["machines"]] == ["on"]
+
+
+async def test_websocket_level_ping_answered(relay):
+    async with await connect(relay.url) as ws:
+        await recv_json(ws)
+        pong_waiter = await ws.ping(b"abc")
+        latency = await asyncio.wait_for(pong_waiter, 5)
+    assert latency >= 0
+
+
+async def test_garbage_frames_do_not_disturb_others(relay):
+    async with await connect(relay.url) as rude, await connect(relay.url) as polite:
+        await recv_json(rude)
+        await recv_json(polite)
+        for junk in ("not json", "[1,2]", '{"type": 5}', "\x00\xff", '{"type":"refresh"'):
+            await rude.send(junk)
+        await rude.send(b"\x00\x01binary\xff")
+        await rude.send(orjson.dumps({"type": "unknown", "x": [1] * 1000}).decode())
+        relay.emit("state_change", "g1", state="fine")
+        assert (await recv_events(polite, 1))[0]["state"] == "fine"
+        assert (await recv_events(rude, 1))[0]["state"] == "fine"
+    assert relay.proc.poll() is None
+
+
+async def test_oversized_client_frame_closes_only_that_client(relay):
+    async with await connect(relay.url) as big, await connect(relay.url) as other:
+        await recv_json(big)
+        await recv_json(other)
+        await big.send("x" * (1024 * 1024))
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv_events(big, 1)
+        relay.emit("state_change", "o1", state="still")
+        assert (await recv_events(other, 1))[0]["state"] == "still"
+
+
+async def test_client_close_is_cleaned_up_at_once(relay):
+    ws = await connect(relay.url)
+    await recv_json(ws)
+    assert relay.health()["clients"] == 1
+    await ws.close()
+    relay.wait_for(lambda: relay.health()["clients"] == 0, 2, "client removed")
+    assert relay.health()["closed"]["normal"] == 1
+
+
+async def test_picows_client_receives_events(relay):
+    client = await picows_client(relay.url, expected=51)
+    for i in range(50):
+        relay.emit("tick", "p1", i=i)
+    await asyncio.wait_for(client.done, 10)
+    assert client.messages[0]["type"] == "initial"
+    assert [m["i"] for m in client.events()] == list(range(50))
+    client.transport.send(WSMsgType.TEXT, b'{"type":"refresh"}')
+    await asyncio.sleep(0.2)
+    assert client.messages[-1]["type"] == "initial"
+    client.transport.disconnect()
+
+
+async def test_send_timeout_closes_a_client_that_stops_reading(relay_factory):
+    """A client whose kernel buffers are full and who never reads is aborted after
+    --send-timeout, although it is far below --max-client-buffer."""
+    relay = relay_factory.start("--send-timeout", "0.5", "--max-client-buffer", "64MiB")
+    sock = socket.create_connection(("127.0.0.1", relay.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ws = await websockets.connect(relay.url, sock=sock, ping_interval=None, max_size=None)
+    ws.transport.pause_reading()  # stop reading: the relay's sends can no longer complete
+    payload = "x" * 30000
+    for i in range(400):  # ~12 MB: more than the kernel buffers hold
+        relay.emit("bulk", "t1", i=i, payload=payload)
+    relay.wait_for(lambda: relay.health()["closed"]["timeout"] == 1, 10, "timeout close")
+    assert relay.health()["clients"] == 0
+    ws.transport.abort()
