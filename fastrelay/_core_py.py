@@ -24,7 +24,16 @@ from typing import Any
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
-from ._hubdefs import BATCH_BUCKETS, CLOSE_REASONS, REJECT_REASONS
+from ._hubdefs import (
+    BATCH_BUCKETS,
+    CLOSE_REASONS,
+    REJECT_REASONS,
+    classify_undecodable,
+    hub_stats,
+    machines_payload,
+    new_entry,
+    snapshot_payload,
+)
 
 __all__ = ["Client", "Hub", "frame_text"]
 
@@ -200,7 +209,7 @@ class Hub:
             try:
                 event = _loads(raw)
             except _JSONDecodeError:
-                rejects[_classify_undecodable(raw)] += 1
+                rejects[classify_undecodable(raw)] += 1
                 continue
             if type(event) is not dict:
                 rejects["not_object"] += 1
@@ -240,13 +249,7 @@ class Hub:
         if len(self.machines) >= self.max_machines:
             del self.machines[next(iter(self.machines))]
             self.evicted += 1
-        return {
-            "id": machine_id,
-            "current_state": None,
-            "previous_state": None,
-            "last_activity": None,
-            "data": None,
-        }
+        return new_entry(machine_id)
 
     def _record_batch(self, n: int) -> None:
         self.batches += 1
@@ -346,35 +349,10 @@ class Hub:
     # -- registry ------------------------------------------------------------------
 
     def snapshot_payload(self) -> bytes:
-        """The ``initial`` message: every machine's current entry, as JSON bytes."""
-        return _dumps(
-            {"type": "initial", "machines": list(self.machines.values()), "timestamp": _time()}
-        )
+        return snapshot_payload(self.machines)
 
     def machines_payload(self) -> bytes:
-        """The registry as a JSON array (GET /api/machines)."""
-        return _dumps(list(self.machines.values()))
+        return machines_payload(self.machines)
 
     def stats(self) -> dict[str, Any]:
-        """Plain counters for /healthz, /metrics and the heartbeat line."""
-        return {
-            "clients": len(self.clients),
-            "machines": len(self.machines),
-            "accepted": self.accepted,
-            "relayed": self.relayed,
-            "frames_sent": self.frames_sent,
-            "bytes_sent": self.bytes_sent,
-            "batches": self.batches,
-            "evicted": self.evicted,
-            "rejects": dict(self.rejects),
-            "closed": dict(self.closed),
-            "batch_histogram": list(self.batch_histogram),
-        }
-
-
-def _classify_undecodable(raw: bytes) -> str:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "invalid_utf8"
-    return "invalid_json"
+        return hub_stats(self)
