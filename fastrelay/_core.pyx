@@ -523,7 +523,8 @@ cdef class Hub:
         """Forget a disconnected client and count why it went."""
         self.clients.discard(client)
         self.stalled.discard(client)
-        self.closed[client.close_reason or "normal"] += 1
+        if client.close_reason is None:  # the relay's own closes were counted when decided
+            self.closed["normal"] += 1
 
     def mark_stalled(self, Client client):
         client.backlogged = True
@@ -540,6 +541,7 @@ cdef class Hub:
         if client.close_reason is not None:
             return
         client.close_reason = why
+        self.closed[why] += 1
         self.clients.discard(client)
         client.transport.send_close(code, reason)
         client.transport.disconnect(True)
@@ -548,6 +550,7 @@ cdef class Hub:
         """Drop ``client``'s connection at once, discarding what it has not read."""
         if client.close_reason is None:
             client.close_reason = why
+            self.closed[why] += 1
         self.clients.discard(client)
         client.transport.disconnect(False)
 

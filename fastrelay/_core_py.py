@@ -319,7 +319,8 @@ class Hub:
         """Forget a disconnected client and count why it went."""
         self.clients.discard(client)
         self.stalled.discard(client)
-        self.closed[client.close_reason or "normal"] += 1
+        if client.close_reason is None:  # the relay's own closes were counted when decided
+            self.closed["normal"] += 1
 
     def mark_stalled(self, client: Client) -> None:
         client.stalled_since = _monotonic()
@@ -334,6 +335,7 @@ class Hub:
         if client.close_reason is not None:
             return
         client.close_reason = why
+        self.closed[why] += 1
         self.clients.discard(client)
         transport = client.transport
         transport.send_close(code, reason)
@@ -343,6 +345,7 @@ class Hub:
         """Drop ``client``'s connection at once, discarding what it has not read."""
         if client.close_reason is None:
             client.close_reason = why
+            self.closed[why] += 1
         self.clients.discard(client)
         client.transport.disconnect(False)
 

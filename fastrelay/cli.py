@@ -150,11 +150,27 @@ def _serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
 
     configure_logging(config.log_dir)
+    _raise_fd_limit()
     try:
         import uvloop
     except ImportError:
         return asyncio.run(_run_server(config, "asyncio"))
     return uvloop.run(_run_server(config, "uvloop"))  # type: ignore[no-any-return]
+
+
+def _raise_fd_limit() -> None:
+    """Each client costs a descriptor: lift the soft limit to the hard one, as servers do."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return
+        logging.getLogger("fastrelay").info("raised the open-file limit from %d to %d", soft, target)
 
 
 async def _run_server(config: ServeConfig, loop_name: str) -> int:
