@@ -86,7 +86,7 @@ class Client:
         return f"<Client {self.peer} reason={self.close_reason}>"
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     """picows callbacks for one connection, forwarded to the hub."""
 
     def __init__(self, hub: Hub) -> None:

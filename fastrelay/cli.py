@@ -155,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(_run_server(config, "asyncio"))
-    return uvloop.run(_run_server(config, "uvloop"))  # type: ignore[no-any-return]
+    return uvloop.run(_run_server(config, "uvloop"))
 
 
 def _raise_fd_limit() -> None:

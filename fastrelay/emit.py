@@ -67,7 +67,7 @@ class Emitter:
         self.exit_flush_timeout = exit_flush_timeout
         self._reset_state()
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (e := ref()) and e._reset_state())
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(ref))
         atexit.register(_flush_at_exit, ref)
 
     def _reset_state(self) -> None:
@@ -246,6 +246,12 @@ class Emitter:
             self.sent += 1
             limit -= 1
         return limit == 0
+
+
+def _reset_in_child(ref: weakref.ref[Emitter]) -> None:
+    emitter = ref()
+    if emitter is not None:
+        emitter._reset_state()
 
 
 def _flush_at_exit(ref: weakref.ref[Emitter]) -> None:

@@ -83,7 +83,7 @@ class MetricsExporter:
 
     def __init__(self, hub: Any, monitor: LoopMonitor) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_HubCollector(hub, monitor))  # type: ignore[arg-type]
+        self.registry.register(_HubCollector(hub, monitor))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

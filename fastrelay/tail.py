@@ -44,7 +44,7 @@ def format_event(event: Any) -> str:
     return " ".join(parts)
 
 
-class _Printer(WSListener):  # type: ignore[misc]
+class _Printer(WSListener):
     def __init__(self, out: TextIO) -> None:
         self.out = out
 

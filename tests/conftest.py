@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from relayproc import Relay, RelayFactory
 
 # The backends every relay test runs on. The Cython one is skipped only when

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 
-import fastrelay
 import pytest
+
+import fastrelay
 from fastrelay import _backend
 
 

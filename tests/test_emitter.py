@@ -11,9 +11,10 @@ import textwrap
 import threading
 import time
 
-import fastrelay
 import pytest
 from clients import picows_client
+
+import fastrelay
 from fastrelay.emit import Emitter
 
 

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 
-import orjson
 import pytest
 import websockets
 from clients import connect, picows_client, recv_events, recv_json
@@ -219,7 +218,7 @@ async def test_watchdog_dumps_stacks_when_loop_blocks(relay_factory):
     assert "(event loop)" in text
     assert "time.sleep(seconds)" in text and "_route" in text
     relay.wait_for(lambda: "event loop has not run for" in relay.log_text(), 5, "critical line")
-    critical = [l for l in relay.log_text().splitlines() if "CRITICAL" in l]
+    critical = [line for line in relay.log_text().splitlines() if "CRITICAL" in line]
     assert len(critical) == 1
 
 
@@ -327,6 +326,6 @@ def test_heartbeat_line(relay_factory):
     relay = relay_factory.start("--heartbeat-interval", "0.2")
     relay.emit("state_change", "hb", state="x")
     relay.wait_for(lambda: "heartbeat clients=0 machines=1" in relay.log_text(), 5, "heartbeat")
-    line = [l for l in relay.log_text().splitlines() if "heartbeat" in l][-1]
+    line = [line for line in relay.log_text().splitlines() if "heartbeat" in line][-1]
     for field in ("events_per_s=", "rejects=", "loop_lag_ms=", "accepted="):
         assert field in line

@@ -9,7 +9,7 @@ import time
 import orjson
 import pytest
 import websockets
-from clients import PONG, connect, expect_silence, picows_client, recv_events, recv_json
+from clients import PONG, connect, picows_client, recv_events, recv_json
 from picows import WSMsgType
 
 
