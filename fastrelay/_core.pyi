@@ -39,6 +39,8 @@ class Hub:
     rejects: dict[str, int]
     closed: dict[str, int]
     batch_histogram: list[int]
+    drain_thread: bool
+    ring_full_waits: int
     def __init__(
         self,
         *,
@@ -46,6 +48,7 @@ class Hub:
         max_client_buffer: int = ...,
         max_machines: int = ...,
         batch_cap: int = ...,
+        drain_thread: bool = ...,
     ) -> None: ...
     def attach(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None: ...
     def detach(self) -> None: ...

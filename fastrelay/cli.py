@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "beyond it (default %(default)s)")
     serve.add_argument("--batch-cap", type=_positive(int), default=defaults.batch_cap,
                        help="datagrams drained per loop iteration (default %(default)s)")
+    serve.add_argument("--drain-thread", action="store_true",
+                       help="read the datagram socket from a native thread (cython backend only)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")
@@ -181,7 +183,7 @@ async def _run_server(config: ServeConfig, loop_name: str) -> int:
     try:
         server = RelayServer(config)
         await server.start()
-    except (BackendUnavailable, SocketInUse) as exc:
+    except (BackendUnavailable, SocketInUse, ValueError) as exc:
         print(f"fastrelay serve: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -83,6 +83,8 @@ class ServeConfig:
     max_machines: int = 100_000
     #: Datagrams taken from the socket per readable event before yielding to the loop.
     batch_cap: int = 1024
+    #: Drain the datagram socket from a native thread into a ring (Cython backend only).
+    drain_thread: bool = False
     #: Largest frame a client may send us (pongs and refreshes are tiny).
     max_client_frame: int = 64 * 1024
     hang_threshold: float = 15.0

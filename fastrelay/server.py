@@ -55,6 +55,7 @@ class RelayServer:
             max_client_buffer=config.max_client_buffer,
             max_machines=config.max_machines,
             batch_cap=config.batch_cap,
+            drain_thread=config.drain_thread,
         )
         self.backend: str = self.hub.backend
         self.monitor = LoopMonitor()

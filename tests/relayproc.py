@@ -18,6 +18,10 @@ from typing import Any
 
 import orjson
 
+# Extra `serve` options for every relay of a run, e.g. "--drain-thread" to run
+# the suite against the Cython hub's drain-thread mode.
+EXTRA_ARGS = os.environ.get("FASTRELAY_TEST_SERVE_ARGS", "").split()
+
 _STARTED = re.compile(r"relaying (\S+) -> (ws://\S+) \(backend (\w+)")
 
 
@@ -149,7 +153,7 @@ class RelayFactory:
         args = [
             sys.executable, "-m", "fastrelay", "serve", "--port", str(port),
             "--socket", socket_path, "--log-dir", str(log_dir), "--backend", self.backend,
-            "--ping-interval", str(ping_interval), *extra,
+            "--ping-interval", str(ping_interval), *EXTRA_ARGS, *extra,
         ]
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
