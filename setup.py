@@ -60,6 +60,8 @@ def extensions() -> list[Extension]:
         return []
     source = HERE / "fastrelay" / "_core.pyx"
     if not source.exists():
+        if MUST_BUILD:
+            sys.exit("fastrelay: FASTRELAY_BUILD_EXTENSION=yes but fastrelay/_core.pyx is missing")
         return []
     try:
         from Cython.Build import cythonize

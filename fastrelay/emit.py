@@ -18,6 +18,7 @@ import errno
 import os
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -41,6 +42,7 @@ _FLUSH_POLL_MS = 100  # how often the flusher re-checks a relay that stopped ans
 # Datagrams the flusher sends per hold of the lock: an emitting thread never
 # waits behind a long drain.
 _FLUSH_CHUNK = 32
+_SMALL_DGRAM_DEFAULT = sys.platform == "darwin" or "bsd" in sys.platform
 _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS  # json.dumps accepted int keys; stay compatible
 
 
@@ -152,6 +154,10 @@ class Emitter:
 
     def _connect(self) -> socket.socket | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if _SMALL_DGRAM_DEFAULT:
+            # macOS and the BSDs cap a Unix datagram at the send buffer, 2 KiB
+            # by default (net.local.dgram.maxdgram); events may be up to 64 KiB.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 * 1024)
         sock.setblocking(False)
         try:
             sock.connect(self.socket_path)

@@ -146,7 +146,10 @@ async def test_running_out_of_descriptors_degrades_and_recovers(relay_factory):
             attempts.append(await asyncio.wait_for(picows_client(relay.url), 3))
         except (OSError, asyncio.TimeoutError, Exception):
             pass
-    established = [c for c in attempts if not c.closed.done()]
+    # picows hands back no listener when the relay closed the connection
+    # before the handshake finished: the clean refusal we want.
+    established = [c for c in attempts if c is not None and not c.closed.done()]
+    assert len(established) < len(attempts)
     assert len(established) + len(first) < 48
     relay.emit("state_change", "fd", state="still-alive")
     await asyncio.sleep(0.5)
