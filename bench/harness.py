@@ -69,7 +69,7 @@ from bench.common import (
     raise_nofile,
     sched_ns,
 )
-from bench.procs import CONTENDERS, PY, ROOT, ClientSet, Relay, spawn_emitters
+from bench.procs import CONTENDERS, PY, ROOT, ClientSet, Relay, spawn_emitters, split_contender
 
 __all__ = ["main"]
 
@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = selected(args.only)
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     for c in contenders:
-        if c not in CONTENDERS:
+        if split_contender(c)[0] not in CONTENDERS:
             raise SystemExit(f"error: unknown contender {c}; choose from {', '.join(CONTENDERS)}")
     if shutil.which("taskset") is None:
         raise SystemExit(

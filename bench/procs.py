@@ -17,7 +17,10 @@ from typing import Any
 
 from bench.common import LOAD_CPUS, RELAY_CPUS, child_setup, cpu_ns, hwm_kib, pinned, rss_kib
 
-__all__ = ["ROOT", "CONTENDERS", "Relay", "ClientProc", "ClientSet", "spawn_emitters", "free_port"]
+__all__ = [
+    "ROOT", "CONTENDERS", "Relay", "split_contender", "ClientProc", "ClientSet", "spawn_emitters",
+    "free_port",
+]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -77,6 +80,16 @@ CONTENDERS: dict[str, Any] = {
 }
 
 
+def split_contender(name: str) -> tuple[str, list[str]]:
+    """``fastrelay-cython[--write-delay=0.005]`` -> the contender and extra options for it.
+
+    For measuring one relay's own knobs side by side; the defaults are what
+    the tables compare.
+    """
+    base, _, rest = name.partition("[")
+    return base, rest.rstrip("]").split() if rest else []
+
+
 class Relay:
     """One relay subprocess, pinned to the relay core, with a fresh port and socket."""
 
@@ -88,7 +101,8 @@ class Relay:
         self.log_dir = os.path.join(self.workdir, "logs")
         self.out_path = os.path.join(self.workdir, "stdout.txt")
         self.err_path = os.path.join(self.workdir, "stderr.txt")
-        self.cmd = CONTENDERS[name](self.port, self.socket, ping_interval, self.log_dir)
+        base, extra = split_contender(name)
+        self.cmd = CONTENDERS[base](self.port, self.socket, ping_interval, self.log_dir) + extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_line = ""
         self.health: dict[str, Any] = {}

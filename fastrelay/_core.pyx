@@ -420,6 +420,9 @@ cdef class Hub:
     cdef Py_ssize_t _out_cap
     cdef Py_ssize_t _used
     cdef Py_ssize_t _framed
+    cdef public double write_delay
+    cdef double _last_write
+    cdef object _flush_handle
     cdef readonly bint drain_thread
     cdef fr_ring _ring
     cdef bint _ring_running
@@ -434,8 +437,12 @@ cdef class Hub:
         self._fd = -1
 
     def __init__(self, *, max_datagram=64 * 1024, max_client_buffer=4 * 1024 * 1024,
-                 max_machines=100_000, batch_cap=1024, drain_thread=False):
+                 max_machines=100_000, batch_cap=1024, drain_thread=False, write_delay=0.0):
         self.backend = "cython"
+        self.write_delay = write_delay
+        self._last_write = 0.0
+        self._flush_handle = None
+        self._used = self._framed = 0
         self.drain_thread = drain_thread
         self.max_datagram = max_datagram
         self.max_client_buffer = max_client_buffer
@@ -496,6 +503,7 @@ cdef class Hub:
                 self._loop.remove_reader(self._fd)
         self._sock = None
         self._fd = -1
+        self.flush()
 
     @property
     def ring_full_waits(self):
@@ -522,7 +530,7 @@ cdef class Hub:
             return 0
         cdef Py_ssize_t count = 0, got, i
         cdef Py_ssize_t slot_size = self.max_datagram
-        self._used = self._framed = 0
+        cdef Py_ssize_t before = self._framed
         while count < self.batch_cap:
             got = fr_recv_batch(self._fd, self._slots, <size_t>slot_size, VLEN, self._sizes)
             if got <= 0:
@@ -533,32 +541,57 @@ cdef class Hub:
             # No early exit on a short read: the kernel queue holds only
             # max_dgram_qlen datagrams, so emitters refill it while we parse,
             # and reading on until EAGAIN is what makes batches large.
-        self._flush_batch()
+        if self._framed > before:
+            self.accepted += self._framed - before
+            self._schedule_write()
         return count
 
     def _drain_ring(self):
         """Consume what the drain thread published (the wake pipe was readable)."""
         cdef unsigned int head = 0, n, i, slot, left
         cdef Py_ssize_t slot_size = self.max_datagram
+        cdef Py_ssize_t before = self._framed
         n = fr_ring_peek(&self._ring, &head)
         if n > <unsigned int>self.batch_cap:
             n = <unsigned int>self.batch_cap
-        self._used = self._framed = 0
         for i in range(n):
             slot = (head + i) % RING_SLOTS
             self._take(self._ring_slots + slot * slot_size, self._ring_sizes[slot])
         left = fr_ring_release(&self._ring, n)
-        self._flush_batch()
+        if self._framed > before:
+            self.accepted += self._framed - before
+            self._schedule_write()
         if left:
             # More arrived meanwhile; let other callbacks run first, then continue.
             self._loop.call_soon(self._drain_ring)
         return n
 
-    cdef void _flush_batch(self) except *:
-        if self._framed:
-            self.accepted += self._framed
-            self._record_batch(self._framed)
-            self._fanout(self._out, self._used, self._framed)
+    cdef void _schedule_write(self) except *:
+        # Coalescing (--write-delay): a write to every client costs one system
+        # call per client whatever it carries, so events that arrive within
+        # write_delay of the previous write wait for the next one; sparse
+        # events go out at once. A full batch never waits.
+        cdef bint full = self._framed >= self.batch_cap
+        if self._flush_handle is not None and not full:
+            return
+        cdef double wait = self._last_write + self.write_delay - _monotonic()
+        if wait <= 0 or full:
+            self.flush()
+        else:
+            self._flush_handle = self._loop.call_later(wait, self.flush)
+
+    def flush(self):
+        """Write every accepted, not yet written event to every client now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._framed:
+            return
+        cdef Py_ssize_t framed = self._framed, used = self._used
+        self._framed = self._used = 0
+        self._last_write = _monotonic()
+        self._record_batch(framed)
+        self._fanout(self._out, used, framed)
 
     cdef void _take(self, char* slot, Py_ssize_t size) except *:
         """Validate one datagram, update the registry, and frame it onto the batch buffer."""
@@ -682,6 +715,7 @@ cdef class Hub:
 
     def broadcast(self, bytes payload):
         """Send one relay-made message (a ping) to every client, framed once."""
+        self.flush()
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         self._reserve(n + 10)
         cdef Py_ssize_t h = _header(<unsigned char*>self._out, n)
@@ -697,12 +731,16 @@ cdef class Hub:
     def add_client(self, WSTransport transport):
         """Send the snapshot and join the fan-out set in one step (no event in between)."""
         cdef Client client = Client(transport)
+        # Events already in the registry must not reach this client a second
+        # time after its snapshot: write them to the others first.
+        self.flush()
         self.send_initial(client)
         self.clients.add(client)
         return client
 
     def send_initial(self, Client client):
         """Send ``client`` a fresh ``initial`` snapshot (on connect and on ``refresh``)."""
+        self.flush()
         data = frame_text(self.snapshot_payload())
         client._write(data)
         self.frames_sent += 1

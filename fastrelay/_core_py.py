@@ -141,6 +141,7 @@ class Hub:
         max_machines: int = 100_000,
         batch_cap: int = 1024,
         drain_thread: bool = False,
+        write_delay: float = 0.0,
     ) -> None:
         if drain_thread:
             # A Python thread would need the GIL for every datagram: no gain.
@@ -150,6 +151,7 @@ class Hub:
         self.max_client_buffer = max_client_buffer
         self.max_machines = max_machines
         self.batch_cap = batch_cap
+        self.write_delay = write_delay
         self.clients: set[Client] = set()
         #: Clients whose transport holds unsent data, including those being closed.
         self.stalled: set[Client] = set()
@@ -159,6 +161,10 @@ class Hub:
         self._loop: Any = None
         self._buf = bytearray(max_datagram)
         self._view = memoryview(self._buf)
+        # Frames accepted but not yet written (see flush()).
+        self._pending: list[bytes] = []
+        self._last_write = 0.0
+        self._flush_handle: Any = None
         # Plain counters, read by /healthz and /metrics at scrape time.
         self.accepted = 0
         self.relayed = 0
@@ -183,6 +189,7 @@ class Hub:
         if self._sock is not None and self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._sock = None
+        self.flush()
 
     @property
     def ring_full_waits(self) -> int:
@@ -199,8 +206,9 @@ class Hub:
         max_datagram = self.max_datagram
         machines = self.machines
         rejects = self.rejects
-        frames: list[bytes] = []
+        frames = self._pending
         append = frames.append
+        before = len(frames)
         count = 0
         while count < self.batch_cap:
             try:
@@ -249,11 +257,36 @@ class Hub:
                 # Splice into the emitter's own bytes rather than re-serialising.
                 raw = raw.rstrip()[:-1] + _PREV_KEY + _dumps(previous) + b"}"
             append(frame_text(raw))
-        if frames:
-            self.accepted += len(frames)
-            self._record_batch(len(frames))
-            self._fanout(b"".join(frames), len(frames))
+        if len(frames) > before:
+            self.accepted += len(frames) - before
+            self._schedule_write()
         return count
+
+    def _schedule_write(self) -> None:
+        # Coalescing (--write-delay): a write to every client costs one system
+        # call per client whatever it carries, so events that arrive within
+        # write_delay of the previous write wait for the next one; sparse
+        # events go out at once. A full batch never waits.
+        if self._flush_handle is not None and len(self._pending) < self.batch_cap:
+            return
+        wait = self._last_write + self.write_delay - _monotonic()
+        if wait <= 0 or len(self._pending) >= self.batch_cap:
+            self.flush()
+        else:
+            self._flush_handle = self._loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        """Write every accepted, not yet written event to every client now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        self._last_write = _monotonic()
+        self._record_batch(len(pending))
+        self._fanout(b"".join(pending), len(pending))
 
     def _new_entry(self, machine_id: str) -> dict[str, Any]:
         if len(self.machines) >= self.max_machines:
@@ -292,6 +325,7 @@ class Hub:
 
     def broadcast(self, payload: bytes) -> None:
         """Send one relay-made message (a ping) to every client, framed once."""
+        self.flush()
         self._fanout(frame_text(payload), 1)
 
     # -- clients -------------------------------------------------------------------
@@ -303,12 +337,16 @@ class Hub:
     def add_client(self, transport: WSTransport) -> Client:
         """Send the snapshot and join the fan-out set in one step (no event in between)."""
         client = Client(transport)
+        # Events already in the registry must not reach this client a second
+        # time after its snapshot: write them to the others first.
+        self.flush()
         self.send_initial(client)
         self.clients.add(client)
         return client
 
     def send_initial(self, client: Client) -> None:
         """Send ``client`` a fresh ``initial`` snapshot (on connect and on ``refresh``)."""
+        self.flush()
         data = frame_text(self.snapshot_payload())
         client.write(data)
         self.frames_sent += 1

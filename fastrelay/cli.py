@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "beyond it (default %(default)s)")
     serve.add_argument("--batch-cap", type=_positive(int), default=defaults.batch_cap,
                        help="datagrams drained per loop iteration (default %(default)s)")
+    serve.add_argument("--write-delay", type=float, default=defaults.write_delay,
+                       help="seconds an event may wait to share the next write to the clients with "
+                            "later ones; sparse events go out at once; 0 disables "
+                            "(default %(default)s)")
     serve.add_argument("--drain-thread", action="store_true",
                        help="read the datagram socket from a native thread (cython backend only)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,

@@ -85,6 +85,10 @@ class ServeConfig:
     batch_cap: int = 1024
     #: Drain the datagram socket from a native thread into a ring (Cython backend only).
     drain_thread: bool = False
+    #: Events arriving within this many seconds of the previous write to the
+    #: clients wait for the next write (one write per client carries them all);
+    #: an event after a quiet spell goes out at once. 0 writes every batch at once.
+    write_delay: float = 0.001
     #: Largest frame a client may send us (pongs and refreshes are tiny).
     max_client_frame: int = 64 * 1024
     hang_threshold: float = 15.0
@@ -103,6 +107,8 @@ class ServeConfig:
         for name in ("ping_interval", "send_timeout", "hang_threshold", "heartbeat_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.write_delay <= 1:
+            raise ValueError("--write-delay must be between 0 and 1 second")
         if self.max_datagram > 16 * 1024 * 1024:
             raise ValueError("--max-datagram: at most 16MiB (the kernel caps datagrams well below)")
         if self.max_machines <= 0 or self.batch_cap <= 0:

@@ -56,6 +56,7 @@ class RelayServer:
             max_machines=config.max_machines,
             batch_cap=config.batch_cap,
             drain_thread=config.drain_thread,
+            write_delay=config.write_delay,
         )
         self.backend: str = self.hub.backend
         self.monitor = LoopMonitor()

@@ -45,8 +45,11 @@ async def test_events_relayed_in_order_with_previous_state(relay):
     assert events[1]["message"] == "hello"
 
 
-async def test_snapshot_then_every_later_event_once(relay):
-    """Connect while events stream in: the snapshot plus what follows is exact."""
+@pytest.mark.parametrize("write_delay", ["0", "0.05"])
+async def test_snapshot_then_every_later_event_once(relay_factory, write_delay):
+    """Connect while events stream in: the snapshot plus what follows is exact,
+    also when accepted events are still waiting for a coalesced write."""
+    relay = relay_factory.start("--write-delay", write_delay)
     stop = asyncio.Event()
     sent: list[int] = []
 
@@ -188,3 +191,20 @@ async def test_send_timeout_closes_a_client_that_stops_reading(relay_factory):
     relay.wait_for(lambda: relay.health()["closed"]["timeout"] == 1, 10, "timeout close")
     assert relay.health()["clients"] == 0
     ws.transport.abort()
+
+
+async def test_write_delay_coalesces_bursts_but_not_sparse_events(relay_factory):
+    relay = relay_factory.start("--write-delay", "0.5")
+    async with await connect(relay.url) as ws:
+        await recv_json(ws)
+        started = time.monotonic()
+        relay.emit("state_change", "sparse", state="first")
+        await recv_events(ws, 1)
+        assert time.monotonic() - started < 0.4  # after a quiet spell: written at once
+        for i in range(20):  # within the window of the previous write: coalesced
+            relay.emit("tick", "burst", i=i)
+        events = await recv_events(ws, 20)
+    assert [e["i"] for e in events] == list(range(20))
+    metrics = relay.get("/metrics")[1].decode()
+    # Two writes carried the 21 events: the sparse one, then the burst.
+    assert "fastrelay_batch_size_count 2.0" in metrics
