@@ -39,8 +39,6 @@ class Hub:
     rejects: dict[str, int]
     closed: dict[str, int]
     batch_histogram: list[int]
-    drain_thread: bool
-    ring_full_waits: int
     write_delay: float
     def __init__(
         self,
@@ -49,7 +47,6 @@ class Hub:
         max_client_buffer: int = ...,
         max_machines: int = ...,
         batch_cap: int = ...,
-        drain_thread: bool = ...,
         write_delay: float = ...,
     ) -> None: ...
     def attach(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None: ...

@@ -114,158 +114,17 @@ cdef extern from *:
         if (sent < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
         return (Py_ssize_t)sent;
     }
-
-    /* The optional drain thread: a native thread, never holding the GIL, keeps
-       the kernel's short datagram queue empty by moving datagrams into a ring
-       of fixed slots; the loop consumes the ring when woken through a pipe. */
-    #include <pthread.h>
-    #include <poll.h>
-    #include <unistd.h>
-    #include <fcntl.h>
-    #include <string.h>
-
-    typedef struct {
-        int fd, wake_r, wake_w;
-        char *slots;
-        size_t slot_size;
-        unsigned int nslots, head, count;
-        Py_ssize_t *sizes;
-        int notified, running, started;
-        unsigned long long full_waits;
-        pthread_mutex_t mu;
-        pthread_cond_t room;
-        pthread_t thread;
-    } fr_ring;
-
-    static void *fr_ring_main(void *arg) {
-        fr_ring *r = (fr_ring *)arg;
-        struct pollfd pfd;
-        pfd.fd = r->fd;
-        pfd.events = POLLIN;
-        for (;;) {
-            pthread_mutex_lock(&r->mu);
-            while (r->running && r->count == r->nslots) {
-                r->full_waits++;
-                pthread_cond_wait(&r->room, &r->mu);
-            }
-            if (!r->running) {
-                pthread_mutex_unlock(&r->mu);
-                return NULL;
-            }
-            unsigned int tail = (r->head + r->count) % r->nslots;
-            unsigned int room = r->nslots - r->count;
-            pthread_mutex_unlock(&r->mu);
-            if (tail + room > r->nslots) room = r->nslots - tail;
-            if (room > FR_MAX_VLEN) room = FR_MAX_VLEN;
-            int n = fr_recv_batch(r->fd, r->slots + (size_t)tail * r->slot_size, r->slot_size,
-                                  room, r->sizes + tail);
-            if (n <= 0) {
-                /* Empty (or a transient error): sleep until readable; the
-                   timeout bounds how long stopping the thread takes. */
-                poll(&pfd, 1, 50);
-                continue;
-            }
-            pthread_mutex_lock(&r->mu);
-            r->count += (unsigned int)n;
-            int wake = !r->notified;
-            r->notified = 1;
-            pthread_mutex_unlock(&r->mu);
-            if (wake) {
-                char byte = 1;
-                ssize_t ignored = write(r->wake_w, &byte, 1);
-                (void)ignored;
-            }
-        }
-    }
-
-    static int fr_ring_start(fr_ring *r, int fd, char *slots, size_t slot_size,
-                             unsigned int nslots, Py_ssize_t *sizes) {
-        int fds[2];
-        memset(r, 0, sizeof(*r));
-        if (pipe(fds) != 0) return -1;
-        fcntl(fds[0], F_SETFL, O_NONBLOCK);
-        fcntl(fds[1], F_SETFL, O_NONBLOCK);
-        fcntl(fds[0], F_SETFD, FD_CLOEXEC);
-        fcntl(fds[1], F_SETFD, FD_CLOEXEC);
-        r->fd = fd;
-        r->wake_r = fds[0];
-        r->wake_w = fds[1];
-        r->slots = slots;
-        r->slot_size = slot_size;
-        r->nslots = nslots;
-        r->sizes = sizes;
-        r->running = 1;
-        pthread_mutex_init(&r->mu, NULL);
-        pthread_cond_init(&r->room, NULL);
-        if (pthread_create(&r->thread, NULL, fr_ring_main, r) != 0) {
-            close(fds[0]);
-            close(fds[1]);
-            return -1;
-        }
-        r->started = 1;
-        return 0;
-    }
-
-    static void fr_ring_stop(fr_ring *r) {
-        if (!r->started) return;
-        pthread_mutex_lock(&r->mu);
-        r->running = 0;
-        pthread_cond_broadcast(&r->room);
-        pthread_mutex_unlock(&r->mu);
-        pthread_join(r->thread, NULL);
-        close(r->wake_r);
-        close(r->wake_w);
-        pthread_mutex_destroy(&r->mu);
-        pthread_cond_destroy(&r->room);
-        r->started = 0;
-    }
-
-    /* Loop side: empty the wake pipe, then see what the thread published. */
-    static unsigned int fr_ring_peek(fr_ring *r, unsigned int *head) {
-        char sink[64];
-        while (read(r->wake_r, sink, sizeof(sink)) > 0) {}
-        pthread_mutex_lock(&r->mu);
-        *head = r->head;
-        unsigned int n = r->count;
-        pthread_mutex_unlock(&r->mu);
-        return n;
-    }
-
-    /* Hand n slots back; returns how many published slots remain. */
-    static unsigned int fr_ring_release(fr_ring *r, unsigned int n) {
-        pthread_mutex_lock(&r->mu);
-        r->head = (r->head + n) % r->nslots;
-        r->count -= n;
-        unsigned int left = r->count;
-        if (left == 0) r->notified = 0;
-        pthread_cond_signal(&r->room);
-        pthread_mutex_unlock(&r->mu);
-        return left;
-    }
     """
     int FR_MAX_VLEN
     int fr_recv_batch(int fd, char* slots, size_t slot_size, unsigned int vlen,
                       Py_ssize_t* sizes) nogil
     Py_ssize_t fr_send(int fd, const char* data, Py_ssize_t size) nogil
-    ctypedef struct fr_ring:
-        int wake_r
-        unsigned int nslots
-        unsigned long long full_waits
-    int fr_ring_start(fr_ring* r, int fd, char* slots, size_t slot_size, unsigned int nslots,
-                      Py_ssize_t* sizes) nogil
-    void fr_ring_stop(fr_ring* r) nogil
-    unsigned int fr_ring_peek(fr_ring* r, unsigned int* head) nogil
-    unsigned int fr_ring_release(fr_ring* r, unsigned int n) nogil
 
 # Datagrams taken per system call. The kernel queue holds max_dgram_qlen
 # (10 here, 512 on systemd hosts); 32 slots cover the first and keep the slot
 # memory (32 x max_datagram, touched only as large datagrams land) modest.
 cdef enum:
     VLEN = 32
-    # Slots in the drain thread's ring: enough to hold many kernel queues'
-    # worth while the loop writes to clients, small enough that the slot
-    # memory (RING_SLOTS x max_datagram, touched only where data lands) stays modest.
-    RING_SLOTS = 256
 
 cdef object _loads = orjson.loads
 cdef object _dumps = orjson.dumps
@@ -423,27 +282,19 @@ cdef class Hub:
     cdef public double write_delay
     cdef double _last_write
     cdef object _flush_handle
-    cdef readonly bint drain_thread
-    cdef fr_ring _ring
-    cdef bint _ring_running
-    cdef char* _ring_slots
-    cdef Py_ssize_t _ring_sizes[RING_SLOTS]
 
     def __cinit__(self):
         self._slots = NULL
         self._out = NULL
-        self._ring_slots = NULL
-        self._ring_running = False
         self._fd = -1
 
     def __init__(self, *, max_datagram=64 * 1024, max_client_buffer=4 * 1024 * 1024,
-                 max_machines=100_000, batch_cap=1024, drain_thread=False, write_delay=0.0):
+                 max_machines=100_000, batch_cap=1024, write_delay=0.0):
         self.backend = "cython"
         self.write_delay = write_delay
         self._last_write = 0.0
         self._flush_handle = None
         self._used = self._framed = 0
-        self.drain_thread = drain_thread
         self.max_datagram = max_datagram
         self.max_client_buffer = max_client_buffer
         self.max_machines = max_machines
@@ -465,10 +316,7 @@ cdef class Hub:
         self._loop = None
 
     def __dealloc__(self):
-        if self._ring_running:
-            fr_ring_stop(&self._ring)
         free(self._slots)
-        free(self._ring_slots)
         free(self._out)
 
     # -- intake ----------------------------------------------------------------
@@ -478,40 +326,18 @@ cdef class Hub:
         self._sock = sock
         self._loop = loop
         self._fd = sock.fileno()
-        if not self.drain_thread:
-            loop.add_reader(self._fd, self.drain)
-            return
-        if self._ring_slots == NULL:
-            self._ring_slots = <char*>malloc(<size_t>RING_SLOTS * <size_t>self.max_datagram)
-            if self._ring_slots == NULL:
-                raise MemoryError()
-        if fr_ring_start(&self._ring, self._fd, self._ring_slots, <size_t>self.max_datagram,
-                         RING_SLOTS, self._ring_sizes) != 0:
-            raise OSError("cannot start the drain thread")
-        self._ring_running = True
-        loop.add_reader(self._ring.wake_r, self._drain_ring)
+        loop.add_reader(self._fd, self.drain)
 
     def detach(self):
         """Stop reading the datagram socket (the caller closes it)."""
         if self._sock is not None and self._loop is not None:
-            if self._ring_running:
-                self._loop.remove_reader(self._ring.wake_r)
-                with nogil:
-                    fr_ring_stop(&self._ring)
-                self._ring_running = False
-            else:
-                self._loop.remove_reader(self._fd)
+            self._loop.remove_reader(self._fd)
         self._sock = None
         self._fd = -1
         self.flush()
 
-    @property
-    def ring_full_waits(self):
-        """Times the drain thread found its ring full and waited for the loop."""
-        return self._ring.full_waits if self._ring_running else 0
-
-    cdef inline void _reserve(self, Py_ssize_t extra) except *:
-        cdef Py_ssize_t need = extra
+    cdef inline void _reserve(self, Py_ssize_t need) except *:
+        """Make the batch buffer hold at least ``need`` bytes."""
         cdef char* grown
         if need <= self._out_cap:
             return
@@ -545,26 +371,6 @@ cdef class Hub:
             self.accepted += self._framed - before
             self._schedule_write()
         return count
-
-    def _drain_ring(self):
-        """Consume what the drain thread published (the wake pipe was readable)."""
-        cdef unsigned int head = 0, n, i, slot, left
-        cdef Py_ssize_t slot_size = self.max_datagram
-        cdef Py_ssize_t before = self._framed
-        n = fr_ring_peek(&self._ring, &head)
-        if n > <unsigned int>self.batch_cap:
-            n = <unsigned int>self.batch_cap
-        for i in range(n):
-            slot = (head + i) % RING_SLOTS
-            self._take(self._ring_slots + slot * slot_size, self._ring_sizes[slot])
-        left = fr_ring_release(&self._ring, n)
-        if self._framed > before:
-            self.accepted += self._framed - before
-            self._schedule_write()
-        if left:
-            # More arrived meanwhile; let other callbacks run first, then continue.
-            self._loop.call_soon(self._drain_ring)
-        return n
 
     cdef void _schedule_write(self) except *:
         # Coalescing (--write-delay): a write to every client costs one system

@@ -140,13 +140,8 @@ class Hub:
         max_client_buffer: int = 4 * 1024 * 1024,
         max_machines: int = 100_000,
         batch_cap: int = 1024,
-        drain_thread: bool = False,
         write_delay: float = 0.0,
     ) -> None:
-        if drain_thread:
-            # A Python thread would need the GIL for every datagram: no gain.
-            raise ValueError("the drain thread needs the Cython backend")
-        self.drain_thread = False
         self.max_datagram = max_datagram
         self.max_client_buffer = max_client_buffer
         self.max_machines = max_machines
@@ -190,11 +185,6 @@ class Hub:
             self._loop.remove_reader(self._sock.fileno())
         self._sock = None
         self.flush()
-
-    @property
-    def ring_full_waits(self) -> int:
-        """Always 0: the pure hub has no drain thread."""
-        return 0
 
     def drain(self) -> int:
         """Take one batch from the socket, update the registry, fan it out; returns datagrams read."""

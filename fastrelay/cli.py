@@ -97,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an event may wait to share the next write to the clients with "
                             "later ones; sparse events go out at once; 0 disables "
                             "(default %(default)s)")
-    serve.add_argument("--drain-thread", action="store_true",
-                       help="read the datagram socket from a native thread (cython backend only)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")
@@ -187,7 +185,7 @@ async def _run_server(config: ServeConfig, loop_name: str) -> int:
     try:
         server = RelayServer(config)
         await server.start()
-    except (BackendUnavailable, SocketInUse, ValueError) as exc:
+    except (BackendUnavailable, SocketInUse) as exc:
         print(f"fastrelay serve: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -83,8 +83,6 @@ class ServeConfig:
     max_machines: int = 100_000
     #: Datagrams taken from the socket per readable event before yielding to the loop.
     batch_cap: int = 1024
-    #: Drain the datagram socket from a native thread into a ring (Cython backend only).
-    drain_thread: bool = False
     #: Events arriving within this many seconds of the previous write to the
     #: clients wait for the next write (one write per client carries them all);
     #: an event after a quiet spell goes out at once. 0 writes every batch at once.

@@ -55,7 +55,6 @@ class RelayServer:
             max_client_buffer=config.max_client_buffer,
             max_machines=config.max_machines,
             batch_cap=config.batch_cap,
-            drain_thread=config.drain_thread,
             write_delay=config.write_delay,
         )
         self.backend: str = self.hub.backend

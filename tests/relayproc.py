@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-# Extra `serve` options for every relay of a run, e.g. "--drain-thread" to run
-# the suite against the Cython hub's drain-thread mode.
+# Extra `serve` options for every relay of a run, e.g. "--write-delay 0" to run
+# the suite with every batch written at once.
 EXTRA_ARGS = os.environ.get("FASTRELAY_TEST_SERVE_ARGS", "").split()
 
 _STARTED = re.compile(r"relaying (\S+) -> (ws://\S+) \(backend (\w+)")
