@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import sys
 import time
 from typing import Any, TextIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 __all__ = ["format_event", "tail"]
 
@@ -75,25 +76,35 @@ def _with_token(url: str, token: str | None) -> str:
 
 
 async def _tail(url: str, out: TextIO) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stopping = asyncio.ensure_future(stop.wait())
     delay = 0.5
-    while True:
+    transport = None
+    while not stop.is_set():
         try:
             transport, _ = await ws_connect(lambda: _Printer(out), url)
-        except (OSError, asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - keep tailing
+        except Exception as exc:  # refused, reset, handshake error: keep tailing
             print(f"# cannot connect to {url}: {exc}; retrying in {delay:.1f} s", file=sys.stderr)
         else:
             delay = 0.5
             print(f"# connected to {url}", file=sys.stderr)
-            await transport.wait_disconnected()
+            gone = asyncio.ensure_future(transport.wait_disconnected())
+            await asyncio.wait({gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                transport.send_close(WSCloseCode.GOING_AWAY)
+                transport.disconnect()
+                gone.cancel()
+                return
             print("# disconnected", file=sys.stderr)
-        await asyncio.sleep(delay * (0.5 + random.random()))
+        pause = delay * (0.5 + random.random())
+        await asyncio.wait({stopping}, timeout=pause)
         delay = min(delay * 2, 10.0)
 
 
 def tail(url: str, *, token: str | None = None, out: TextIO = sys.stdout) -> int:
-    """Follow ``url`` until interrupted, reconnecting with backoff; returns the exit code."""
-    try:
-        asyncio.run(_tail(_with_token(url, token), out))
-    except KeyboardInterrupt:
-        return 0
+    """Follow ``url`` until SIGINT or SIGTERM, reconnecting with backoff; returns the exit code."""
+    asyncio.run(_tail(_with_token(url, token), out))
     return 0

@@ -67,7 +67,7 @@ def test_port_in_use_is_one_line(relay, relay_factory, tmp_path):
 
 
 def test_tail_prints_events_and_answers_pings(relay_factory):
-    relay = relay_factory.start(ping_interval=0.3)
+    relay = relay_factory.start(ping_interval=0.5)
     tail = subprocess.Popen([sys.executable, "-m", "fastrelay", "tail", "--url", relay.url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -80,13 +80,18 @@ def test_tail_prints_events_and_answers_pings(relay_factory):
         assert lines[0].endswith("state_change tail-1 None -> idle")
         assert 'state_change tail-1 idle -> running {"data":{"job":7}}' in lines[1]
         assert 'job_progress tail-1 {"progress":0.5}' in lines[2]
-        time.sleep(1.5)  # 5 ping intervals: a tail that ignored pings would be closed by now
+        time.sleep(2.5)  # 5 ping intervals: a tail that ignored pings would be closed by now
         assert relay.health()["clients"] == 1
         assert relay.health()["closed"]["unresponsive"] == 0
     finally:
         tail.send_signal(signal.SIGINT)
-        tail.wait(10)
+        try:
+            tail.wait(10)
+        except subprocess.TimeoutExpired:
+            tail.kill()
+            raise AssertionError("tail ignored SIGINT: " + tail.communicate()[1]) from None
     assert tail.returncode == 0
+    assert "connected to" in tail.stderr.read()
 
 
 def test_python_api_relay_server_in_process(tmp_path):
