@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-cap", type=_positive(int), default=defaults.batch_cap,
                        help="datagrams drained per loop iteration (default %(default)s)")
     serve.add_argument("--write-delay", type=float, default=defaults.write_delay,
-                       help="seconds an event may wait to share the next write to the clients with "
-                            "later ones; sparse events go out at once; 0 disables "
+                       help="the most an event may wait to share a write with later ones; the relay "
+                            "waits only as long as its last write to all clients took; 0 disables "
                             "(default %(default)s)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "

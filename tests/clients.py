@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 from typing import Any
 
 import orjson
@@ -88,6 +89,13 @@ class Collector(WSListener):  # type: ignore[misc]
 
     def events(self) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("type") != "initial"]
+
+
+def raise_fd_limit() -> None:
+    """Room for a thousand client sockets in the test process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < min(hard, 8192):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
 
 
 async def picows_client(url: str, expected: int = 0, **kwargs: Any) -> Collector:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import resource
 import sys
 import textwrap
 
-from clients import picows_client
+from clients import picows_client, raise_fd_limit
 
 EMIT_N = textwrap.dedent("""
     import sys
@@ -17,12 +16,6 @@ EMIT_N = textwrap.dedent("""
     flushed = emitter.flush(60)
     print(ok, sum(emitter.dropped.values()), flushed)
 """)
-
-
-def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < min(hard, 8192):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
 
 
 async def emit_in_subprocess(socket_path: str, n: int) -> tuple[int, int, str]:
