@@ -127,6 +127,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds excluded from the flatness check (default 10%% of duration)")
     args = parser.parse_args()
+    # SIGTERM runs the finally below too, so the helper processes never linger.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     workdir = tempfile.mkdtemp(prefix="fastrelay-soak-")
     sock = os.path.join(workdir, "soak.sock")
