@@ -281,7 +281,6 @@ cdef class Hub:
     cdef Py_ssize_t _framed
     cdef public double write_delay
     cdef double _last_write
-    cdef double _last_write_cost
     cdef object _flush_handle
 
     def __cinit__(self):
@@ -294,7 +293,6 @@ cdef class Hub:
         self.backend = "cython"
         self.write_delay = write_delay
         self._last_write = 0.0
-        self._last_write_cost = 0.0
         self._flush_handle = None
         self._used = self._framed = 0
         self.max_datagram = max_datagram
@@ -375,15 +373,14 @@ cdef class Hub:
         return count
 
     cdef void _schedule_write(self) except *:
-        # Coalescing: a write to every client costs one system call per client
-        # whatever it carries. After a write that took T seconds, the next one
-        # waits until T has passed again (at most write_delay), so writing uses
-        # at most about half of the loop under load while sparse events, and
-        # fan-outs to few clients (small T), go out at once. A full batch never waits.
+        # Coalescing (--write-delay): a write to every client costs one system
+        # call per client whatever it carries, so events arriving within
+        # write_delay of the previous write share the next one; an event after
+        # a quiet spell goes out at once. A full batch never waits.
         cdef bint full = self._framed >= self.batch_cap
         if self._flush_handle is not None and not full:
             return
-        cdef double wait = self._last_write + min(self._last_write_cost, self.write_delay) - _monotonic()
+        cdef double wait = self._last_write + self.write_delay - _monotonic()
         if wait <= 0 or full:
             self.flush()
         else:
@@ -398,11 +395,9 @@ cdef class Hub:
             return
         cdef Py_ssize_t framed = self._framed, used = self._used
         self._framed = self._used = 0
-        self._record_batch(framed)
-        cdef double started = _monotonic()
-        self._fanout(self._out, used, framed)
         self._last_write = _monotonic()
-        self._last_write_cost = self._last_write - started
+        self._record_batch(framed)
+        self._fanout(self._out, used, framed)
 
     cdef void _take(self, char* slot, Py_ssize_t size) except *:
         """Validate one datagram, update the registry, and frame it onto the batch buffer."""

@@ -159,7 +159,6 @@ class Hub:
         # Frames accepted but not yet written (see flush()).
         self._pending: list[bytes] = []
         self._last_write = 0.0
-        self._last_write_cost = 0.0
         self._flush_handle: Any = None
         # Plain counters, read by /healthz and /metrics at scrape time.
         self.accepted = 0
@@ -254,14 +253,13 @@ class Hub:
         return count
 
     def _schedule_write(self) -> None:
-        # Coalescing: a write to every client costs one system call per client
-        # whatever it carries. After a write that took T seconds, the next one
-        # waits until T has passed again (at most write_delay), so writing uses
-        # at most about half of the loop under load while sparse events, and
-        # fan-outs to few clients (small T), go out at once. A full batch never waits.
+        # Coalescing (--write-delay): a write to every client costs one system
+        # call per client whatever it carries, so events arriving within
+        # write_delay of the previous write share the next one; an event after
+        # a quiet spell goes out at once. A full batch never waits.
         if self._flush_handle is not None and len(self._pending) < self.batch_cap:
             return
-        wait = self._last_write + min(self._last_write_cost, self.write_delay) - _monotonic()
+        wait = self._last_write + self.write_delay - _monotonic()
         if wait <= 0 or len(self._pending) >= self.batch_cap:
             self.flush()
         else:
@@ -276,11 +274,9 @@ class Hub:
         if not pending:
             return
         self._pending = []
-        self._record_batch(len(pending))
-        started = _monotonic()
-        self._fanout(b"".join(pending), len(pending))
         self._last_write = _monotonic()
-        self._last_write_cost = self._last_write - started
+        self._record_batch(len(pending))
+        self._fanout(b"".join(pending), len(pending))
 
     def _new_entry(self, machine_id: str) -> dict[str, Any]:
         if len(self.machines) >= self.max_machines:

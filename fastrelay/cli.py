@@ -94,9 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-cap", type=_positive(int), default=defaults.batch_cap,
                        help="datagrams drained per loop iteration (default %(default)s)")
     serve.add_argument("--write-delay", type=float, default=defaults.write_delay,
-                       help="the most an event may wait to share a write with later ones; the relay "
-                            "waits only as long as its last write to all clients took; 0 disables "
-                            "(default %(default)s)")
+                       help="seconds within which events share one write to the clients; an event "
+                            "after a quiet spell goes out at once; 0 disables (default %(default)s)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")

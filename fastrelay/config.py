@@ -83,10 +83,10 @@ class ServeConfig:
     max_machines: int = 100_000
     #: Datagrams taken from the socket per readable event before yielding to the loop.
     batch_cap: int = 1024
-    #: The most an event may wait to share a write to the clients with later
-    #: ones. The relay waits only as long as its previous write to every client
-    #: took, so quiet periods and small fan-outs add no delay. 0: write at once.
-    write_delay: float = 0.005
+    #: Events arriving within this many seconds of the previous write to the
+    #: clients wait for the next write (one write per client carries them all);
+    #: an event after a quiet spell goes out at once. 0 writes every batch at once.
+    write_delay: float = 0.002
     #: Largest frame a client may send us (pongs and refreshes are tiny).
     max_client_frame: int = 64 * 1024
     hang_threshold: float = 15.0
