@@ -28,6 +28,7 @@ from ._hubdefs import (
     BATCH_BUCKETS,
     CLOSE_REASONS,
     REJECT_REASONS,
+    answer_close,
     classify_undecodable,
     hub_stats,
     machines_payload,
@@ -227,14 +228,7 @@ cdef class _Listener(WSListener):
         if frame.msg_type == WSMsgType.TEXT:
             self.hub.on_client_text(client, frame.get_payload_as_bytes())
         elif frame.msg_type == WSMsgType.CLOSE:
-            try:
-                code = frame.get_close_code()
-            except ValueError:  # a code picows's enum does not know
-                code = WSCloseCode.OK
-            if code == WSCloseCode.NO_INFO:
-                code = WSCloseCode.OK
-            transport.send_close(code)
-            transport.disconnect()
+            answer_close(transport, frame)
         # Binary, continuation and stray pong frames: ignored by contract.
 
     cpdef on_ws_disconnected(self, WSTransport transport):

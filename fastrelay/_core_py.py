@@ -28,6 +28,7 @@ from ._hubdefs import (
     BATCH_BUCKETS,
     CLOSE_REASONS,
     REJECT_REASONS,
+    answer_close,
     classify_undecodable,
     hub_stats,
     machines_payload,
@@ -105,14 +106,7 @@ class _Listener(WSListener):
         if msg_type is _TEXT:
             self.hub.on_client_text(client, frame.get_payload_as_bytes())
         elif msg_type is _CLOSE:
-            try:
-                code = frame.get_close_code()
-            except ValueError:  # a code picows's enum does not know
-                code = WSCloseCode.OK
-            if code is WSCloseCode.NO_INFO:
-                code = WSCloseCode.OK
-            transport.send_close(code)
-            transport.disconnect()
+            answer_close(transport, frame)
         # Binary, continuation and stray pong frames: ignored by contract.
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "BATCH_BUCKETS",
     "CLOSE_REASONS",
     "REJECT_REASONS",
+    "answer_close",
     "classify_undecodable",
     "hub_stats",
     "machines_payload",
@@ -35,6 +36,20 @@ def new_entry(machine_id: str) -> dict[str, Any]:
         "last_activity": None,
         "data": None,
     }
+
+
+def answer_close(transport: Any, frame: Any) -> None:
+    """Echo a client's close frame (RFC 6455 §5.5.1) and drop the connection."""
+    from picows import WSCloseCode
+
+    try:
+        code = frame.get_close_code()
+    except ValueError:  # a code picows's enum does not know
+        code = WSCloseCode.OK
+    if code == WSCloseCode.NO_INFO:
+        code = WSCloseCode.OK
+    transport.send_close(code)
+    transport.disconnect()
 
 
 def classify_undecodable(raw: bytes) -> str:
