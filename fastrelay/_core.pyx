@@ -7,34 +7,27 @@ What is compiled, and why:
   orjson parses each slot through a memoryview, with no per-event bytes object;
 - each accepted event is framed straight from its slot into one batch buffer,
   splicing ``previous_state`` into the emitter's bytes instead of re-serialising;
-- fan-out writes that buffer to each client's socket with one ``send()`` while
-  the client's transport holds nothing (exactly what picows's own fast path
-  does); only a client with a backlog, or a partial write, goes through the
-  transport, and only then is a Python bytes object made.
-Everything else (registry dicts, orjson) is the same Python objects as the
-pure hub, so the two behave identically.
+- fan-out writes that buffer to each client's socket with one ``send()`` when
+  nothing is waiting for that client, checked at that moment in its transport
+  and its queue (exactly what picows's own fast path does); a client with a
+  backlog, or a partial write, gets a Python bytes object, made once per batch.
+The registry (``fastrelay.registry``) and what is owed to each client
+(``fastrelay.clients``) are the same Python code as the pure hub's, so the two
+behave identically.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
-from picows.picows cimport WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 import time
 
 import orjson
 
-from ._hubdefs import (
-    BATCH_BUCKETS,
-    CLOSE_REASONS,
-    REJECT_REASONS,
-    answer_close,
-    classify_undecodable,
-    hub_stats,
-    machines_payload,
-    new_entry,
-    snapshot_payload,
-)
+from ._hubdefs import BATCH_BUCKETS, REJECT_REASONS, classify_undecodable, hub_stats
+from .clients import Client, Clients
+from .listener import Listener
+from .registry import Registry, nesting_depth
 
 __all__ = ["Client", "Hub", "frame_text"]
 
@@ -162,86 +155,13 @@ def frame_text(bytes payload):
     return PyBytes_FromStringAndSize(<char*>head, h) + payload
 
 
-cdef class Client:
-    """One connected WebSocket client, as the hub and the keepalive policy see it."""
-
-    cdef readonly WSTransport transport
-    cdef readonly object peer
-    cdef public double connected_at
-    cdef public double last_seen
-    cdef public object stalled_since
-    cdef public object close_reason
-    cdef int fd
-    cdef bint backlogged
-    cdef object _write
-    cdef object _buffered
-
-    def __init__(self, WSTransport transport):
-        underlying = transport.underlying_transport
-        # high=0, low=0: pause_writing fires as soon as anything stays queued
-        # and resume_writing once all of it is gone. That both times sends for
-        # --send-timeout and tells fan-out when the socket may be written
-        # directly (nothing queued ahead in the transport).
-        underlying.set_write_buffer_limits(high=0, low=0)
-        self.transport = transport
-        self.fd = transport._socket
-        self._write = transport._tr_write
-        self._buffered = underlying.get_write_buffer_size
-        now = _monotonic()
-        self.connected_at = now
-        self.last_seen = now
-        self.stalled_since = None
-        self.close_reason = None
-        self.backlogged = False
-        self.peer = underlying.get_extra_info("peername")
-
-    def buffered(self):
-        """Bytes the transport holds for this client (not yet handed to the kernel)."""
-        return self._buffered()
-
-    def write(self, data):
-        """Queue ``data`` behind anything already pending (the Python-level path)."""
-        self._write(data)
-
-    def __repr__(self):
-        return f"<Client {self.peer} reason={self.close_reason}>"
-
-
-cdef class _Listener(WSListener):
-    """picows callbacks for one connection, forwarded to the hub."""
-
-    cdef Hub hub
-    cdef Client client
-
-    def __init__(self, Hub hub):
-        self.hub = hub
-        self.client = None
-
-    cpdef on_ws_connected(self, WSTransport transport):
-        self.client = self.hub.add_client(transport)
-
-    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
-        cdef Client client = self.client
-        if client is None:
-            return
-        client.last_seen = _monotonic()
-        if frame.msg_type == WSMsgType.TEXT:
-            self.hub.on_client_text(client, frame.get_payload_as_bytes())
-        elif frame.msg_type == WSMsgType.CLOSE:
-            answer_close(transport, frame)
-        # Binary, continuation and stray pong frames: ignored by contract.
-
-    cpdef on_ws_disconnected(self, WSTransport transport):
-        if self.client is not None:
-            self.hub.remove_client(self.client)
-
-    cpdef pause_writing(self):
-        if self.client is not None:
-            self.hub.mark_stalled(self.client)
-
-    cpdef resume_writing(self):
-        if self.client is not None:
-            self.hub.mark_drained(self.client)
+cdef inline Py_ssize_t _count_brackets(const char* data, Py_ssize_t n) noexcept:
+    """Opening brackets in ``data``: an upper bound on how deeply it nests."""
+    cdef Py_ssize_t i, count = 0
+    for i in range(n):
+        if data[i] == 91 or data[i] == 123:  # '[' or '{'
+            count += 1
+    return count
 
 
 cdef class Hub:
@@ -249,23 +169,22 @@ cdef class Hub:
 
     cdef readonly str backend
     cdef public Py_ssize_t max_datagram
-    cdef public Py_ssize_t max_client_buffer
-    cdef public Py_ssize_t max_machines
+    cdef public Py_ssize_t max_depth
     cdef public Py_ssize_t batch_cap
+    cdef readonly object registry
+    cdef readonly object peers
     cdef readonly set clients
     cdef readonly set stalled
-    cdef readonly dict machines
     cdef public unsigned long long accepted
     cdef public unsigned long long relayed
     cdef public unsigned long long frames_sent
     cdef public unsigned long long bytes_sent
     cdef public unsigned long long batches
-    cdef public unsigned long long evicted
     cdef readonly dict rejects
-    cdef readonly dict closed
     cdef readonly list batch_histogram
     cdef object _sock
     cdef object _loop
+    cdef object _update
     cdef int _fd
     cdef char* _slots
     cdef Py_ssize_t _sizes[VLEN]
@@ -283,23 +202,26 @@ cdef class Hub:
         self._fd = -1
 
     def __init__(self, *, max_datagram=64 * 1024, max_client_buffer=4 * 1024 * 1024,
-                 max_machines=100_000, batch_cap=1024, write_delay=0.0):
+                 max_machines=100_000, max_depth=64, batch_cap=1024, write_delay=0.0):
         self.backend = "cython"
         self.write_delay = write_delay
         self._last_write = 0.0
         self._flush_handle = None
         self._used = self._framed = 0
         self.max_datagram = max_datagram
-        self.max_client_buffer = max_client_buffer
-        self.max_machines = max_machines
+        self.max_depth = max_depth
         self.batch_cap = batch_cap
-        self.clients = set()
-        self.stalled = set()
-        self.machines = {}
+        # An OrderedDict: kept as a plain object so that Cython never applies
+        # dict-only C calls to it, which would skip its recency links.
+        self.registry = Registry(max_machines)
+        self._update = self.registry.update
+        self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
+                             snapshot_payload=self.registry.snapshot_payload)
+        self.clients = self.peers.members
+        self.stalled = self.peers.stalled
         self.accepted = self.relayed = self.frames_sent = self.bytes_sent = 0
-        self.batches = self.evicted = 0
+        self.batches = 0
         self.rejects = dict.fromkeys(REJECT_REASONS, 0)
-        self.closed = dict.fromkeys(CLOSE_REASONS, 0)
         self.batch_histogram = [0] * (len(BATCH_BUCKETS) + 1)
         self._slots = <char*>malloc(<size_t>VLEN * <size_t>max_datagram)
         self._out_cap = 64 * 1024
@@ -312,6 +234,18 @@ cdef class Hub:
     def __dealloc__(self):
         free(self._slots)
         free(self._out)
+
+    @property
+    def machines(self):
+        return self.registry.machines
+
+    @property
+    def evicted(self):
+        return self.registry.evicted
+
+    @property
+    def closed(self):
+        return self.peers.closed
 
     # -- intake ----------------------------------------------------------------
 
@@ -391,16 +325,19 @@ cdef class Hub:
         self._framed = self._used = 0
         self._last_write = _monotonic()
         self._record_batch(framed)
-        self._fanout(self._out, used, framed)
+        cdef object shared = None
+        if self.peers.collecting:
+            shared = PyBytes_FromStringAndSize(self._out, used)
+            self.peers.record(shared)
+        self._fanout(self._out, used, framed, shared)
+        self.relayed += framed * len(self.clients)
 
     cdef void _take(self, char* slot, Py_ssize_t size) except *:
         """Validate one datagram, update the registry, and frame it onto the batch buffer."""
         cdef Py_ssize_t end, plen
         cdef bytes prev_json
-        cdef dict machines = self.machines
         cdef dict event
-        cdef dict entry
-        cdef object parsed, event_type, machine_id, previous, ts, state, given
+        cdef object parsed, machine_id, previous
         if size < 0:
             self.rejects["too_large"] += 1
             return
@@ -413,28 +350,21 @@ cdef class Hub:
             self.rejects["not_object"] += 1
             return
         event = <dict>parsed
-        event_type = event.get("type")
-        if type(event_type) is not str:
+        if type(event.get("type")) is not str:
             self.rejects["invalid_type"] += 1
+            return
+        # Counting brackets is a cheap bound on nesting: only a datagram with
+        # that many is walked. orjson parses 1,024 levels but writes 254, so a
+        # deeper one would break every snapshot that contains it.
+        if (_count_brackets(slot, size) > self.max_depth
+                and nesting_depth(event, self.max_depth) > self.max_depth):
+            self.rejects["too_deep"] += 1
             return
         machine_id = event.get("machine_id")
         previous = None
         if type(machine_id) is str:
-            entry = machines.pop(machine_id, None)
-            if entry is None:
-                entry = self._new_entry(machine_id)
-            machines[machine_id] = entry  # re-inserted: most recent last
-            previous = entry["current_state"]
-            ts = event.get("timestamp")
-            entry["last_activity"] = ts if (type(ts) is float or type(ts) is int) else _time()
-            state = event.get("state")
-            if type(state) is str:
-                given = event.get("previous_state", previous)
-                entry["previous_state"] = given if type(given) is str else previous
-                entry["current_state"] = state
-            if "data" in event:
-                entry["data"] = event["data"]
-        if event_type == "state_change" and "previous_state" not in event:
+            previous = self._update(machine_id, event)
+        if event["type"] == "state_change" and "previous_state" not in event:
             # Splice into the emitter's own bytes rather than re-serialising.
             end = size - 1
             while end > 0 and slot[end] in b" \t\r\n":
@@ -458,12 +388,6 @@ cdef class Hub:
         memcpy(self._out + self._used, data, n)
         self._used += n
 
-    cdef dict _new_entry(self, str machine_id):
-        if len(self.machines) >= self.max_machines:
-            del self.machines[next(iter(self.machines))]
-            self.evicted += 1
-        return new_entry(machine_id)
-
     cdef void _record_batch(self, Py_ssize_t n) except *:
         self.batches += 1
         cdef Py_ssize_t index = 0
@@ -477,41 +401,37 @@ cdef class Hub:
 
     # -- fan-out -----------------------------------------------------------------
 
-    cdef void _fanout(self, char* data, Py_ssize_t size, Py_ssize_t nframes) except *:
+    cdef void _fanout(self, char* data, Py_ssize_t size, Py_ssize_t nframes,
+                      object shared) except *:
         cdef Py_ssize_t n = len(self.clients)
         if n == 0:
             return
-        cdef object shared = None
-        cdef Client client
         cdef Py_ssize_t sent
-        for obj in self.clients:
-            client = <Client>obj
-            if not client.backlogged:
+        cdef list over = None
+        enqueue = self.peers.enqueue
+        for client in self.clients:
+            # Checked at the moment of writing, never through a flag: a byte may
+            # go to the socket only when nothing waits ahead of it for this
+            # client, in its transport or in its queue.
+            if not client.queue and not client.buffered():
                 sent = fr_send(client.fd, data, size)
                 if sent == size:
                     continue
                 if sent < 0:
                     sent = 0  # let the transport meet the error and close itself
-                client._write(PyBytes_FromStringAndSize(data + sent, size - sent))
+                client.write(PyBytes_FromStringAndSize(data + sent, size - sent))
             else:
                 if shared is None:
                     shared = PyBytes_FromStringAndSize(data, size)
-                client._write(shared)
-        self.relayed += nframes * n
+                if not enqueue(client, shared):
+                    if over is None:
+                        over = []
+                    over.append(client)
         self.frames_sent += nframes * n
         self.bytes_sent += size * n
-        if self.stalled:
-            self._enforce_buffer_bound()
-
-    cdef void _enforce_buffer_bound(self) except *:
-        cdef Py_ssize_t bound = self.max_client_buffer
-        cdef Client client
-        over = [c for c in self.stalled
-                if (<Client>c).close_reason is None and (<Client>c)._buffered() > bound]
-        for client in over:
-            # The close frame queues behind the backlog so the client learns why
-            # (1013); the send timeout aborts it if it never drains.
-            self.close_client(client, WSCloseCode.TRY_AGAIN_LATER, b"client too slow", "slow")
+        if over is not None:
+            for client in over:
+                self.peers.close_slow(client)
 
     def broadcast(self, bytes payload):
         """Send one relay-made message (a ping) to every client, framed once."""
@@ -520,85 +440,29 @@ cdef class Hub:
         self._reserve(n + 10)
         cdef Py_ssize_t h = _header(<unsigned char*>self._out, n)
         memcpy(self._out + h, PyBytes_AS_STRING(payload), n)
-        self._fanout(self._out, h + n, 1)
+        self._fanout(self._out, h + n, 1, None)
 
     # -- clients -------------------------------------------------------------------
 
     def make_listener(self):
         """A picows listener bound to this hub, for one new connection."""
-        return _Listener(self)
+        return Listener(self.peers)
 
-    def add_client(self, WSTransport transport):
-        """Send the snapshot and join the fan-out set in one step (no event in between)."""
-        cdef Client client = Client(transport)
-        # Events already in the registry must not reach this client a second
-        # time after its snapshot: write them to the others first.
-        self.flush()
-        self.send_initial(client)
-        self.clients.add(client)
-        return client
-
-    def send_initial(self, Client client):
-        """Send ``client`` a fresh ``initial`` snapshot (on connect and on ``refresh``)."""
-        self.flush()
-        data = frame_text(self.snapshot_payload())
-        client._write(data)
-        self.frames_sent += 1
-        self.bytes_sent += len(data)
-
-    def on_client_text(self, Client client, bytes payload):
-        """A text frame from a client: pongs only prove liveness; ``refresh`` gets a snapshot."""
-        if payload == b"pong" or len(payload) > 4096:
-            return
-        try:
-            message = _loads(payload)
-        except _JSONDecodeError:
-            return
-        if type(message) is dict and message.get("type") == "refresh" and client.close_reason is None:
-            self.send_initial(client)
-
-    def remove_client(self, Client client):
-        """Forget a disconnected client and count why it went."""
-        self.clients.discard(client)
-        self.stalled.discard(client)
-        if client.close_reason is None:  # the relay's own closes were counted when decided
-            self.closed["normal"] += 1
-
-    def mark_stalled(self, Client client):
-        client.backlogged = True
-        client.stalled_since = _monotonic()
-        self.stalled.add(client)
-
-    def mark_drained(self, Client client):
-        client.backlogged = False
-        client.stalled_since = None
-        self.stalled.discard(client)
-
-    def close_client(self, Client client, code, bytes reason, str why):
+    def close_client(self, client, code, bytes reason, str why):
         """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted."""
-        if client.close_reason is not None:
-            return
-        client.close_reason = why
-        self.closed[why] += 1
-        self.clients.discard(client)
-        client.transport.send_close(code, reason)
-        client.transport.disconnect(True)
+        self.peers.close_client(client, code, reason, why)
 
-    def abort_client(self, Client client, str why):
+    def abort_client(self, client, str why):
         """Drop ``client``'s connection at once, discarding what it has not read."""
-        if client.close_reason is None:
-            client.close_reason = why
-            self.closed[why] += 1
-        self.clients.discard(client)
-        client.transport.disconnect(False)
+        self.peers.abort_client(client, why)
 
     # -- registry ------------------------------------------------------------------
 
     def snapshot_payload(self):
-        return snapshot_payload(self.machines)
+        return self.registry.snapshot_payload()
 
     def machines_payload(self):
-        return machines_payload(self.machines)
+        return self.registry.machines_payload()
 
     def stats(self):
         return hub_stats(self)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DEFAULT_SOCKET_PATH",
+    "MAX_DEPTH_LIMIT",
     "ServeConfig",
     "default_socket_path",
     "parse_mode",
@@ -19,6 +20,9 @@ __all__ = [
 ]
 
 DEFAULT_SOCKET_PATH = "/tmp/statemachine-events.sock"
+#: orjson refuses to serialise more than 254 levels, and a snapshot puts an
+#: event's ``data`` three levels down ({"machines": [{"data": ...}]}).
+MAX_DEPTH_LIMIT = 250
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kib|kb|k|mib|mb|m|gib|gb|g)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -81,6 +85,8 @@ class ServeConfig:
     max_datagram: int = 64 * 1024
     #: Registry size: beyond it the least recently active machine is forgotten.
     max_machines: int = 100_000
+    #: Deepest nesting of arrays and objects accepted in a datagram.
+    max_depth: int = 64
     #: Datagrams taken from the socket per readable event before yielding to the loop.
     batch_cap: int = 1024
     #: Events arriving within this many seconds of the previous write to the
@@ -109,6 +115,8 @@ class ServeConfig:
             raise ValueError("--write-delay must be between 0 and 1 second")
         if self.max_datagram > 16 * 1024 * 1024:
             raise ValueError("--max-datagram: at most 16MiB (the kernel caps datagrams well below)")
+        if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"--max-depth must be between 1 and {MAX_DEPTH_LIMIT}")
         if self.max_machines <= 0 or self.batch_cap <= 0:
             raise ValueError("--max-machines and --batch-cap must be positive")
         if self.backend not in ("auto", "cython", "python"):

@@ -13,11 +13,12 @@ import time
 from typing import Any
 
 import orjson
-from picows import WSCloseCode
 
 __all__ = ["Keepalive"]
 
 log = logging.getLogger("fastrelay")
+#: Close code for a client that stopped answering pings (RFC 6455 §7.4.1).
+_INTERNAL_ERROR = 1011
 
 
 class Keepalive:
@@ -69,7 +70,7 @@ class Keepalive:
         for client in silent:
             log.info("closing unresponsive client %s (silent for %.1f s)", client.peer,
                      time.monotonic() - client.last_seen)
-            hub.close_client(client, WSCloseCode.INTERNAL_ERROR, b"ping timeout", "unresponsive")
+            hub.close_client(client, _INTERNAL_ERROR, b"ping timeout", "unresponsive")
 
     def _stall_tick(self) -> None:
         try:

@@ -32,6 +32,7 @@ class _HubCollector:
 
     def collect(self) -> Iterator[Metric]:
         hub = self.hub
+        stats = hub.stats()
         yield CounterMetricFamily(
             "fastrelay_events_accepted", "Datagrams accepted and relayed.", value=hub.accepted)
         yield CounterMetricFamily(
@@ -55,9 +56,9 @@ class _HubCollector:
             "fastrelay_machines_evicted", "Machines forgotten because the registry was full.",
             value=hub.evicted)
         yield CounterMetricFamily(
-            "fastrelay_frames_sent", "WebSocket frames written to clients.", value=hub.frames_sent)
+            "fastrelay_frames_sent", "WebSocket frames written to clients.", value=stats["frames_sent"])
         yield CounterMetricFamily(
-            "fastrelay_bytes_sent", "Bytes written to clients.", value=hub.bytes_sent)
+            "fastrelay_bytes_sent", "Bytes written to clients.", value=stats["bytes_sent"])
         yield _batch_histogram(hub)
         yield GaugeMetricFamily(
             "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",

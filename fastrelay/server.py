@@ -54,6 +54,7 @@ class RelayServer:
             max_datagram=config.max_datagram,
             max_client_buffer=config.max_client_buffer,
             max_machines=config.max_machines,
+            max_depth=config.max_depth,
             batch_cap=config.batch_cap,
             write_delay=config.write_delay,
         )
@@ -92,7 +93,9 @@ class RelayServer:
                 websocket_handshake_timeout=min(config.send_timeout * 2.5, 5.0),
                 max_frame_size=config.max_client_frame,
                 enable_auto_ping=False,
-                enable_auto_pong=True,
+                # Pongs are owed bytes like any other: the hub answers PINGs
+                # itself so that a flood of them cannot queue without bound.
+                enable_auto_pong=False,
                 read_buffer_init_size=_READ_BUFFER,
                 # An adapter, not a Logger: picows then skips creating a child
                 # Logger per connection (~1 KB each with 10,000 idle clients).
@@ -131,8 +134,7 @@ class RelayServer:
         self._ws_server.close()
         self.hub.detach()
         self._close_socket()
-        for client in list(self.hub.clients):
-            self.hub.close_client(client, WSCloseCode.GOING_AWAY, b"relay shutting down", "shutdown")
+        self.hub.peers.close_all(WSCloseCode.GOING_AWAY, b"relay shutting down", "shutdown")
         deadline = time.monotonic() + grace
         while self.hub.stalled and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

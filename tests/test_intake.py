@@ -52,6 +52,7 @@ async def test_bad_datagrams_are_counted_by_reason_and_relay_goes_on(relay):
             "not_object": [b"[1, 2]", b'"type"', b"42", b"null"],
             "invalid_type": [b'{"machine_id": "m"}', b'{"type": 7}', b'{"type": null}'],
             "too_large": [orjson.dumps({"type": "big", "pad": "x" * 70_000})],
+            "too_deep": [b'{"type": "x", "data": ' + b"[" * 64 + b"]" * 64 + b"}"],
         }
         for payloads in bad.values():
             for payload in payloads:

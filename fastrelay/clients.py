@@ -1,0 +1,371 @@
+"""What the relay owes each WebSocket client, and the client lifecycle around it.
+
+Both hub backends share this module; only the fan-out write loop is native.
+
+The invariant that keeps every client's byte stream intact: bytes reach a
+client's socket in the order they were owed. A hub writes a batch straight to
+the socket only when nothing is waiting for that client, neither in its
+transport nor in its queue here, and it checks both at the moment it writes
+(never a flag that a callback may have failed to set). Anything else joins the
+client's queue, which the transport drains in pieces as the client reads.
+
+Everything queued counts against ``max_client_buffer``: events, pings, pongs,
+snapshots once handed to the transport, close frames. A snapshot is framed once
+and shared by every client that joins while it is current (later events are
+queued behind it as catch-up), so a large registry costs its size once, not
+once per new client, and a client that never reads costs at most its bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ._hubdefs import CLOSE_REASONS, frame_text
+
+if TYPE_CHECKING:
+    from picows import WSTransport
+
+__all__ = ["CHUNK", "CLOSE_TAIL", "Client", "Clients", "close_frame"]
+
+#: Largest piece of a snapshot handed to a transport at once. A client must
+#: read one piece within --send-timeout, so this sets the slowest link that can
+#: still receive a large snapshot: 64 KiB per 2 s is 256 kbit/s.
+CHUNK = 64 * 1024
+#: A close frame cannot cut into a half-sent frame. When more than this much of
+#: a snapshot frame is still unsent, the client is aborted instead of closed.
+CLOSE_TAIL = 256 * 1024
+#: Close codes (RFC 6455 §7.4.1).
+GOING_AWAY = 1001
+TRY_AGAIN_LATER = 1013
+_monotonic = time.monotonic
+
+
+class _Generation:
+    """One framed snapshot, shared by every client that joins while it is current."""
+
+    __slots__ = ("frame", "users")
+
+    def __init__(self, frame: bytes) -> None:
+        self.frame = memoryview(frame)
+        #: Clients that have not been handed all of it yet.
+        self.users = 0
+
+
+class _Snapshot:
+    """A client's position in a shared, framed snapshot."""
+
+    __slots__ = ("frame", "generation", "pos")
+
+    def __init__(self, generation: _Generation) -> None:
+        generation.users += 1
+        self.generation = generation
+        self.frame = generation.frame
+        self.pos = 0
+
+    def release(self) -> None:
+        self.generation.users -= 1
+
+    def take(self, n: int) -> memoryview:
+        piece = self.frame[self.pos:self.pos + n]
+        self.pos += len(piece)
+        return piece
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.frame)
+
+
+class Client:
+    """One connected WebSocket client: its transport, its queue and its liveness."""
+
+    __slots__ = (
+        "transport", "fd", "write", "buffered", "queue", "queued", "snapshot", "pong",
+        "connected_at", "last_seen", "stalled_since", "close_reason", "peer", "owner", "_pumping",
+    )
+
+    def __init__(self, owner: Clients, transport: WSTransport) -> None:
+        underlying = transport.underlying_transport
+        # high=0, low=0: pause_writing as soon as anything stays in the
+        # transport, resume_writing once all of it is gone, which is when the
+        # next piece of the queue may follow.
+        underlying.set_write_buffer_limits(high=0, low=0)
+        self.owner = owner
+        self.transport = transport
+        self.fd: int = underlying.get_extra_info("socket").fileno()
+        self.write: Callable[[bytes | memoryview], None] = underlying.write
+        self.buffered: Callable[[], int] = underlying.get_write_buffer_size
+        #: Frames owed behind what the transport holds: bytes, or one _Snapshot.
+        self.queue: deque[bytes | _Snapshot] = deque()
+        #: Bytes in ``queue``, not counting the unsent part of a shared snapshot.
+        self.queued = 0
+        self.snapshot: _Snapshot | None = None
+        #: Payload of the latest PING not yet answered (only the latest is, RFC 6455 §5.5.3).
+        self.pong: bytes | None = None
+        now = _monotonic()
+        self.connected_at = now
+        self.last_seen = now
+        self.stalled_since: float | None = None
+        self.close_reason: str | None = None
+        self.peer = underlying.get_extra_info("peername")
+        self._pumping = False
+
+    def __repr__(self) -> str:
+        return f"<Client {self.peer} reason={self.close_reason}>"
+
+    @property
+    def owed(self) -> int:
+        """Bytes the relay holds for this client: its queue plus its transport's buffer."""
+        return self.queued + self.buffered()
+
+    # picows's backpressure callbacks, forwarded by the listener.
+    def on_paused(self) -> None:
+        self.owner.mark_stalled(self)
+
+    def on_drained(self) -> None:
+        self.owner.mark_drained(self)
+
+
+class Clients:
+    """The connected clients of one hub: joining, queues, snapshots, closing.
+
+    ``flush`` writes the hub's pending events to the current members (so that a
+    snapshot taken next reflects everything they have been sent);
+    ``snapshot_payload`` serialises the registry as an ``initial`` message.
+    """
+
+    def __init__(self, *, max_client_buffer: int, flush: Callable[[], None],
+                 snapshot_payload: Callable[[], bytes]) -> None:
+        self.max_client_buffer = max_client_buffer
+        self._flush = flush
+        self._snapshot_payload = snapshot_payload
+        #: Clients that get every batch (joined, not being closed).
+        self.members: set[Client] = set()
+        #: Clients whose transport holds unsent bytes, including those being closed.
+        self.stalled: set[Client] = set()
+        self.closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.snapshots_built = 0
+        self.refreshes_coalesced = 0
+        # The current shared snapshot and the batches written since it was taken.
+        self._generation: _Generation | None = None
+        self._catchup: list[bytes] = []
+        self._catchup_bytes = 0
+        # Past this much catch-up, the next joiner gets a fresh snapshot: catch-up
+        # counts against each joiner's bound, so it must stay well below it.
+        self._catchup_limit = max(max_client_buffer // 4, 1)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self) -> Iterator[Client]:
+        return iter(self.members)
+
+    @property
+    def collecting(self) -> bool:
+        """True while batches must be handed to :meth:`record` (a snapshot is current)."""
+        return self._generation is not None
+
+    # -- snapshots ---------------------------------------------------------------
+
+    def record(self, batch: bytes) -> None:
+        """Remember a batch just written to the members, as catch-up for the next joiner."""
+        self._catchup.append(batch)
+        self._catchup_bytes += len(batch)
+        if self._catchup_bytes > self._catchup_limit:
+            self._generation = None
+            self._catchup = []
+            self._catchup_bytes = 0
+
+    def _send_snapshot(self, client: Client) -> None:
+        self._flush()
+        generation = self._generation
+        # A fresh snapshot when the registry changed since the current one, unless
+        # that one is still on its way to someone: then joiners share it, with
+        # catch-up, so that N clients joining together cost one snapshot, not N.
+        if generation is None or (self._catchup and not generation.users):
+            generation = self._generation = _Generation(frame_text(self._snapshot_payload()))
+            self._catchup = []
+            self._catchup_bytes = 0
+            self.snapshots_built += 1
+        snapshot = _Snapshot(generation)
+        client.snapshot = snapshot
+        client.queue.append(snapshot)
+        for batch in self._catchup:
+            client.queue.append(batch)
+            client.queued += len(batch)
+        self.frames_sent += 1
+        self.bytes_sent += len(generation.frame)
+        self._pump(client)
+
+    # -- joining and leaving --------------------------------------------------------
+
+    def add_client(self, transport: WSTransport) -> Client:
+        """Queue the snapshot and join the fan-out set in one step (no event in between)."""
+        client = Client(self, transport)
+        self._send_snapshot(client)
+        self.members.add(client)
+        return client
+
+    def remove_client(self, client: Client) -> None:
+        """Forget a disconnected client and count why it went."""
+        self.members.discard(client)
+        self.stalled.discard(client)
+        _drop_queue(client)
+        if client.close_reason is None:  # the relay's own closes were counted when decided
+            self.closed["normal"] += 1
+
+    # -- what clients send ------------------------------------------------------------
+
+    def on_client_text(self, client: Client, payload: bytes) -> None:
+        """A text message: pongs only prove liveness; ``refresh`` gets a snapshot."""
+        if payload == b"pong" or len(payload) > 4096 or client.close_reason is not None:
+            return
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        if type(message) is dict and message.get("type") == "refresh":
+            if client.snapshot is not None:
+                # One snapshot pending per client: it is already on its way, and
+                # everything after it follows it, so a second one adds nothing.
+                self.refreshes_coalesced += 1
+                return
+            self._send_snapshot(client)
+            if client.owed > self.max_client_buffer:
+                self.close_slow(client)
+
+    def on_client_ping(self, client: Client, payload: bytes) -> None:
+        """Answer a PING; while the client is behind, only the latest one (a flood costs nothing)."""
+        if client.close_reason is not None:
+            return
+        client.pong = payload
+        if not client.queue and not client.buffered():
+            self._pump(client)
+
+    def on_client_close(self, client: Client, code: int) -> None:
+        """The client started the closing handshake: finish it with ``code``."""
+        self.close_client(client, code, b"", "normal")
+
+    def fail_client(self, client: Client, code: int, reason: bytes) -> None:
+        """The client broke the protocol: close with ``code`` (1002, 1007, 1009)."""
+        self.close_client(client, code, reason, "protocol")
+
+    # -- writing --------------------------------------------------------------------------
+
+    def enqueue(self, client: Client, data: bytes) -> bool:
+        """Queue ``data`` behind what ``client`` is owed; False when that puts it over its bound."""
+        client.queue.append(data)
+        client.queued += len(data)
+        return client.queued + client.buffered() <= self.max_client_buffer
+
+    def _pump(self, client: Client) -> None:
+        """Hand the transport what comes next, while it takes everything at once."""
+        if client._pumping or client.close_reason is not None:
+            return
+        client._pumping = True
+        try:
+            queue, buffered, write = client.queue, client.buffered, client.write
+            while not buffered():
+                snapshot = client.snapshot
+                if client.pong is not None and (snapshot is None or snapshot.pos == 0):
+                    # Control frames may go between any two frames (RFC 6455 §5.4).
+                    write(_pong_frame(client.pong))
+                    client.pong = None
+                    continue
+                if not queue:
+                    break
+                item = queue[0]
+                if type(item) is _Snapshot:
+                    piece = item.take(CHUNK)
+                    if item.done:
+                        queue.popleft()
+                        item.release()
+                        client.snapshot = None
+                    write(piece)
+                else:
+                    queue.popleft()
+                    client.queued -= len(item)  # type: ignore[arg-type]
+                    write(item)  # type: ignore[arg-type]
+            if buffered() and client.stalled_since is None:
+                self.mark_stalled(client)
+        finally:
+            client._pumping = False
+
+    def mark_stalled(self, client: Client) -> None:
+        if client.stalled_since is None:
+            client.stalled_since = _monotonic()
+        self.stalled.add(client)
+
+    def mark_drained(self, client: Client) -> None:
+        client.stalled_since = None
+        self.stalled.discard(client)
+        self._pump(client)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close_slow(self, client: Client) -> None:
+        # The close frame follows what the transport holds, so the client
+        # learns why (1013) once it reads; the send timeout aborts it if it never does.
+        self.close_client(client, TRY_AGAIN_LATER, b"client too slow", "slow")
+
+    def close_client(self, client: Client, code: int, reason: bytes, why: str) -> None:
+        """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted.
+
+        What was queued but not yet handed to the transport is dropped.
+        """
+        if client.close_reason is not None:
+            return
+        client.close_reason = why
+        self.closed[why] += 1
+        self.members.discard(client)
+        snapshot = client.snapshot
+        _drop_queue(client)
+        if snapshot is not None and snapshot.pos:
+            tail = snapshot.frame[snapshot.pos:]
+            if len(tail) > CLOSE_TAIL:
+                client.transport.disconnect(False)
+                return
+            client.write(tail)  # a close frame may not cut into a frame
+        client.write(close_frame(code, reason))
+        client.transport.disconnect(True)
+        if client.buffered():
+            self.mark_stalled(client)
+
+    def abort_client(self, client: Client, why: str) -> None:
+        """Drop ``client``'s connection at once, discarding what it has not read."""
+        if client.close_reason is None:
+            client.close_reason = why
+            self.closed[why] += 1
+        self.members.discard(client)
+        _drop_queue(client)
+        client.transport.disconnect(False)
+
+    def close_all(self, code: int, reason: bytes, why: str) -> None:
+        for client in list(self.members):
+            self.close_client(client, code, reason, why)
+
+
+def _drop_queue(client: Client) -> None:
+    if client.snapshot is not None:
+        client.snapshot.release()
+        client.snapshot = None
+    client.queue.clear()
+    client.queued = 0
+    client.pong = None
+
+
+def _pong_frame(payload: bytes) -> bytes:
+    # Control payloads are at most 125 bytes, so the length fits the first byte.
+    return bytes((0x8A, len(payload))) + payload
+
+
+def close_frame(code: int, reason: bytes = b"") -> bytes:
+    """An unmasked CLOSE frame; ``reason`` is cut to fit the 125-byte control payload."""
+    payload = code.to_bytes(2, "big") + reason[:123]
+    return bytes((0x88, len(payload))) + payload
