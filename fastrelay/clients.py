@@ -39,6 +39,10 @@ CHUNK = 64 * 1024
 #: A close frame cannot cut into a half-sent frame. When more than this much of
 #: a snapshot frame is still unsent, the client is aborted instead of closed.
 CLOSE_TAIL = 256 * 1024
+#: A snapshot is rebuilt for a joiner at most this many build-times after the
+#: last build, so that clients joining or refreshing in a loop cannot spend
+#: more than about a tenth of the relay's time serialising the registry.
+REBUILD_SPACING = 10
 #: Close codes (RFC 6455 §7.4.1).
 GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
@@ -48,10 +52,12 @@ _monotonic = time.monotonic
 class _Generation:
     """One framed snapshot, shared by every client that joins while it is current."""
 
-    __slots__ = ("frame", "users")
+    __slots__ = ("frame", "reusable_from", "users")
 
-    def __init__(self, frame: bytes) -> None:
+    def __init__(self, frame: bytes, built_at: float, cost: float) -> None:
         self.frame = memoryview(frame)
+        #: Until then joiners share it (with catch-up) even when nobody else uses it.
+        self.reusable_from = built_at + cost * REBUILD_SPACING
         #: Clients that have not been handed all of it yet.
         self.users = 0
 
@@ -186,10 +192,15 @@ class Clients:
         self._flush()
         generation = self._generation
         # A fresh snapshot when the registry changed since the current one, unless
-        # that one is still on its way to someone: then joiners share it, with
-        # catch-up, so that N clients joining together cost one snapshot, not N.
-        if generation is None or (self._catchup and not generation.users):
-            generation = self._generation = _Generation(frame_text(self._snapshot_payload()))
+        # that one is still on its way to someone (or was built a moment ago):
+        # then joiners share it, with catch-up, so that N clients joining
+        # together cost one snapshot, not N.
+        if generation is None or (self._catchup and not generation.users
+                                  and _monotonic() >= generation.reusable_from):
+            started = _monotonic()
+            frame = frame_text(self._snapshot_payload())
+            now = _monotonic()
+            generation = self._generation = _Generation(frame, now, now - started)
             self._catchup = []
             self._catchup_bytes = 0
             self.snapshots_built += 1
@@ -303,6 +314,9 @@ class Clients:
         self.stalled.add(client)
 
     def mark_drained(self, client: Client) -> None:
+        # A client whose socket drains is reading, so it is alive even while
+        # our pings wait behind a long snapshot and its pongs cannot come yet.
+        client.last_seen = _monotonic()
         client.stalled_since = None
         self.stalled.discard(client)
         self._pump(client)
