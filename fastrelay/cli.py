@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default %(default)s)")
     serve.add_argument("--max-client-buffer", type=_size, default=defaults.max_client_buffer,
                        help="bytes queued per client before it is closed with 1013 (default 4MiB)")
+    serve.add_argument("--max-http-buffer", type=_size, default=defaults.max_http_buffer,
+                       help="bytes of large HTTP responses (GET /api/machines) held for clients "
+                            "that have not read them; past it, 503 (default 64MiB)")
     serve.add_argument("--max-datagram", type=_size, default=defaults.max_datagram,
                        help="largest accepted datagram (default 64KiB)")
     serve.add_argument("--max-machines", type=_positive(int), default=defaults.max_machines,

@@ -93,6 +93,9 @@ class ServeConfig:
     #: clients wait for the next write (one write per client carries them all);
     #: an event after a quiet spell goes out at once. 0 writes every batch at once.
     write_delay: float = 0.002
+    #: Bytes of large HTTP responses (GET /api/machines) held for clients that
+    #: have not read them yet; past it such requests get 503.
+    max_http_buffer: int = 64 * 1024 * 1024
     #: Largest frame a client may send us (pongs and refreshes are tiny).
     max_client_frame: int = 64 * 1024
     hang_threshold: float = 15.0

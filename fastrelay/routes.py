@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -26,13 +27,22 @@ _STATIC_TYPES = {
     ".ico": "image/x-icon",
 }
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: Bodies smaller than this are not worth tracking (they are bounded by the
+#: number of connections, which the descriptor limit bounds).
+_TRACK_FROM = 64 * 1024
+
+
+
+class _HeldBody(bytearray):
+    """A response body whose lifetime the routes track: picows keeps it with the
+    connection, so it is freed when the client has read it or gone."""
 
 
 @dataclass(frozen=True)
 class Response:
     status: int
     content_type: str
-    body: bytes
+    body: bytes | bytearray
 
 
 class Routes:
@@ -41,13 +51,18 @@ class Routes:
     def __init__(self, server: RelayServer) -> None:
         self.server = server
         self._static: dict[str, Response] = {}
+        #: Bytes of large responses not yet read by their clients (each held
+        #: twice: the body and picows's copy of it with the headers).
+        self.held = 0
+        self.max_held = server.config.max_http_buffer
+        self.refused_busy = 0
 
     def get(self, path: str) -> Response | None:
         """The response for ``path``, or None for 404."""
         if path == "/healthz":
             return Response(200, _JSON, orjson.dumps(self.health()))
         if path == "/api/machines":
-            return Response(200, _JSON, self.server.hub.machines_payload())
+            return self._held(Response(200, _JSON, self.server.hub.machines_payload()))
         if path == "/metrics":
             from .metrics import CONTENT_TYPE
 
@@ -57,6 +72,27 @@ class Routes:
         if path.startswith("/static/"):
             return self.static(path[len("/static/"):])
         return None
+
+    def _held(self, response: Response) -> Response:
+        """``response``, or 503 when large responses to slow readers hold too much already.
+
+        A client that asks for the registry and never reads the answer would
+        otherwise keep its size alive until the kernel drops the connection.
+        """
+        size = 2 * len(response.body)
+        if size < _TRACK_FROM:
+            return response
+        if self.held and self.held + size > self.max_held:
+            self.refused_busy += 1
+            return Response(503, "text/plain; charset=utf-8",
+                            b"busy: large responses are waiting for their clients; retry\n")
+        body = _HeldBody(response.body)
+        self.held += size
+        weakref.finalize(body, self._release, size)
+        return Response(response.status, response.content_type, body)
+
+    def _release(self, size: int) -> None:
+        self.held -= size
 
     def health(self) -> dict[str, Any]:
         server = self.server

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from picows import (
     WSCloseCode,
@@ -109,6 +110,7 @@ class RelayServer:
         except BaseException:
             self._close_socket()
             raise
+        _set_user_timeout(self._ws_server, _user_timeout(config.send_timeout))
         self._started_at = time.monotonic()
         self.hub.attach(self._sock, loop)
         self.monitor.start(loop)
@@ -211,12 +213,35 @@ class RelayServer:
         response = self.routes.get(path)
         if response is None:
             return None  # picows answers 404
+        if response.status != 200:
+            return _error(response.status, bytes(response.body))
         return _ok(response.content_type, response.body)
 
 
-def _ok(content_type: str, body: bytes) -> WSUpgradeResponseWithListener:
+def _user_timeout(send_timeout: float) -> float:
+    """How long the kernel lets a peer acknowledge nothing before it drops the connection."""
+    # Later than --send-timeout, so that the relay's own check closes WebSocket
+    # clients first and counts why; this one catches what the relay cannot
+    # see, such as an HTTP response to a client that never reads it.
+    return 2 * send_timeout + 1
+
+
+def _set_user_timeout(server: asyncio.Server, seconds: float) -> None:
+    # TCP_USER_TIMEOUT (Linux) set on a listening socket is inherited by every
+    # accepted one, and it also ends a connection whose peer keeps its window
+    # shut, which is what a client that never reads does.
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        return
+    for sock in server.sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, option, max(int(seconds * 1000), 1))
+
+
+def _ok(content_type: str, body: bytes | bytearray) -> WSUpgradeResponseWithListener:
+    # picows types the body as bytes; it only concatenates it, so a bytearray works.
     response = WSUpgradeResponse.create_ok_response(
-        body, {"Content-Type": content_type, "Cache-Control": "no-store"})
+        cast(bytes, body), {"Content-Type": content_type, "Cache-Control": "no-store"})
     return WSUpgradeResponseWithListener(response, None)
 
 
