@@ -1,20 +1,30 @@
-"""The picows listener shared by both hubs (provisional: frame checks land with wsproto)."""
+"""The picows listener shared by both hubs: one per connection.
+
+Every frame goes through the connection's :class:`~fastrelay.wsproto.FrameChecker`
+before the hub acts on it, because picows hands frames over unchecked.
+picows must run with ``enable_auto_pong=False``: PINGs reach the checker, and
+the hub answers them behind what the client is already owed.
+"""
 
 from __future__ import annotations
 
 import time
 
-from picows import WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSFrame, WSListener, WSTransport
 
 from .clients import Client, Clients
+from .wsproto import CLOSE, FAIL, PING, TEXT, FrameChecker
 
 __all__ = ["Listener"]
+
+_monotonic = time.monotonic
 
 
 class Listener(WSListener):
     def __init__(self, peers: Clients) -> None:
         self.peers = peers
         self.client: Client | None = None
+        self.checker = FrameChecker()
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.client = self.peers.add_client(transport)
@@ -23,18 +33,19 @@ class Listener(WSListener):
         client = self.client
         if client is None:
             return
-        client.last_seen = time.monotonic()
-        msg_type = frame.msg_type
-        if msg_type is WSMsgType.TEXT:
-            self.peers.on_client_text(client, frame.get_payload_as_bytes())
-        elif msg_type is WSMsgType.PING:
-            self.peers.on_client_ping(client, frame.get_payload_as_bytes())
-        elif msg_type is WSMsgType.CLOSE:
-            try:
-                code = int(frame.get_close_code().value)
-            except ValueError:
-                code = 1000
-            self.peers.on_client_close(client, 1000 if code in (1005, 1006) else code)
+        client.last_seen = _monotonic()
+        checker = self.checker
+        # picows's stub calls WSMsgType an Enum; at run time it is an IntEnum.
+        verdict = checker.feed(frame.msg_type, frame.fin,  # type: ignore[arg-type]
+                               frame.rsv1 or frame.rsv2 or frame.rsv3, frame.get_payload_as_bytes())
+        if verdict is TEXT:
+            self.peers.on_client_text(client, checker.payload)
+        elif verdict is PING:
+            self.peers.on_client_ping(client, checker.payload)
+        elif verdict is CLOSE:
+            self.peers.on_client_close(client, checker.code)
+        elif verdict is FAIL:
+            self.peers.fail_client(client, checker.code, checker.reason)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.client is not None:
