@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from netns import LinkUnavailable, SlowLink
 from relayproc import Relay, RelayFactory
 
 # The backends every relay test runs on. The Cython one is skipped only when
@@ -37,3 +38,19 @@ def relay_factory(backend: str, tmp_path_factory: pytest.TempPathFactory):  # ty
 def relay(relay_factory: RelayFactory) -> Relay:
     """A running relay with default options but a fast ping (so silent tests stay short)."""
     return relay_factory.start()
+
+
+@pytest.fixture
+def slow_link():  # type: ignore[no-untyped-def]
+    """A private network namespace whose loopback is capped at 20 Mbit/s (tests/netns.py).
+
+    Start a relay in it with ``relay_factory.start(..., link=slow_link)``; make
+    client sockets in it with ``slow_link.connect(host, port)``. Skips when the
+    machine cannot make one (not root, no iproute2, no netns support).
+    """
+    try:
+        link = SlowLink()
+    except LinkUnavailable as exc:
+        pytest.skip(f"no slow link: {exc}")
+    yield link
+    link.close()

@@ -29,8 +29,10 @@ class Relay:
     """One running relay subprocess and handy ways to talk to it."""
 
     def __init__(self, proc: subprocess.Popen[str], socket_path: str, url: str, backend: str,
-                 log_dir: Path, args: list[str]) -> None:
+                 log_dir: Path, args: list[str], link: Any = None) -> None:
         self.proc = proc
+        #: The link its TCP port lives on (netns.SlowLink), None for the host's loopback.
+        self.link = link
         self.socket_path = socket_path
         self.url = url
         self.backend = backend
@@ -77,6 +79,8 @@ class Relay:
     # -- HTTP -----------------------------------------------------------------
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
+        if self.link is not None:
+            return self.link.get("127.0.0.1", self.port, path, headers)
         request = urllib.request.Request(self.http + path, headers=headers or {})
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -147,10 +151,13 @@ class RelayFactory:
 
     def start(self, *extra: str, socket_path: str | None = None, port: int = 0,
               env: dict[str, str] | None = None, ping_interval: float = 10.0,
-              preexec: Any = None) -> Relay:
+              preexec: Any = None, link: Any = None) -> Relay:
+        """Start a relay; with ``link`` (a netns.SlowLink) it runs inside that link's
+        namespace (``link.prefix`` goes before the command) and its HTTP goes over the link."""
         socket_path = socket_path or self.socket_path()
         log_dir = self.workdir / f"logs{len(self.relays)}"
         args = [
+            *(link.prefix if link is not None else ()),
             sys.executable, "-m", "fastrelay", "serve", "--port", str(port),
             "--socket", socket_path, "--log-dir", str(log_dir), "--backend", self.backend,
             "--ping-interval", str(ping_interval), *EXTRA_ARGS, *extra,
@@ -169,7 +176,8 @@ class RelayFactory:
             lines.append(line)
             match = _STARTED.search(line)
             if match:
-                relay = Relay(proc, match.group(1), match.group(2), match.group(3), log_dir, args)
+                relay = Relay(proc, match.group(1), match.group(2), match.group(3), log_dir, args,
+                              link)
                 relay.output.extend(lines)
                 self.relays.append(relay)
                 return relay
