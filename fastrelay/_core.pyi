@@ -37,6 +37,7 @@ class Hub:
         max_client_buffer: int = ...,
         max_machines: int = ...,
         max_depth: int = ...,
+        max_snapshots: int = ...,
         batch_cap: int = ...,
         write_delay: float = ...,
     ) -> None: ...

@@ -202,7 +202,8 @@ cdef class Hub:
         self._fd = -1
 
     def __init__(self, *, max_datagram=64 * 1024, max_client_buffer=4 * 1024 * 1024,
-                 max_machines=100_000, max_depth=64, batch_cap=1024, write_delay=0.0):
+                 max_machines=100_000, max_depth=64, max_snapshots=4, batch_cap=1024,
+                 write_delay=0.0):
         self.backend = "cython"
         self.write_delay = write_delay
         self._last_write = 0.0
@@ -216,7 +217,8 @@ cdef class Hub:
         self.registry = Registry(max_machines)
         self._update = self.registry.update
         self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
-                             snapshot_payload=self.registry.snapshot_payload)
+                             snapshot_payload=self.registry.snapshot_payload,
+                             max_snapshots=max_snapshots)
         self.clients = self.peers.members
         self.stalled = self.peers.stalled
         self.accepted = self.relayed = self.frames_sent = self.bytes_sent = 0

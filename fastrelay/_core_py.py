@@ -54,6 +54,7 @@ class Hub:
         max_client_buffer: int = 4 * 1024 * 1024,
         max_machines: int = 100_000,
         max_depth: int = 64,
+        max_snapshots: int = 4,
         batch_cap: int = 1024,
         write_delay: float = 0.0,
     ) -> None:
@@ -63,7 +64,8 @@ class Hub:
         self.write_delay = write_delay
         self.registry = Registry(max_machines)
         self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
-                             snapshot_payload=self.registry.snapshot_payload)
+                             snapshot_payload=self.registry.snapshot_payload,
+                             max_snapshots=max_snapshots)
         self.clients: set[Client] = self.peers.members
         self.stalled: set[Client] = self.peers.stalled
         self._sock: socket.socket | None = None

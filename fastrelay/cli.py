@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-depth", type=_positive(int), default=defaults.max_depth,
                        help="deepest nesting of arrays and objects accepted in a datagram "
                             "(default %(default)s, at most 250)")
+    serve.add_argument("--max-snapshots", type=_positive(int), default=defaults.max_snapshots,
+                       help="snapshots on their way to clients before a refresh waits for one "
+                            "to finish (default %(default)s)")
     serve.add_argument("--batch-cap", type=_positive(int), default=defaults.batch_cap,
                        help="datagrams drained per loop iteration (default %(default)s)")
     serve.add_argument("--write-delay", type=float, default=defaults.write_delay,

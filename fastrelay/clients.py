@@ -18,6 +18,7 @@ once per new client, and a client that never reads costs at most its bound.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -43,6 +44,12 @@ CLOSE_TAIL = 256 * 1024
 #: last build, so that clients joining or refreshing in a loop cannot spend
 #: more than about a tenth of the relay's time serialising the registry.
 REBUILD_SPACING = 10
+#: After its close frame, a client has this long to close its side (its
+#: remaining frames are read and ignored meanwhile, so the kernel never resets
+#: a connection with unread input and the close frame with it).
+CLOSE_LINGER = 2.0
+#: How often deferred refreshes look again whether a snapshot may be built.
+_REFRESH_RETRY = 0.05
 #: Close codes (RFC 6455 §7.4.1).
 GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
@@ -52,9 +59,10 @@ _monotonic = time.monotonic
 class _Generation:
     """One framed snapshot, shared by every client that joins while it is current."""
 
-    __slots__ = ("frame", "reusable_from", "users")
+    __slots__ = ("frame", "owner", "reusable_from", "users")
 
-    def __init__(self, frame: bytes, built_at: float, cost: float) -> None:
+    def __init__(self, owner: Clients, frame: bytes, built_at: float, cost: float) -> None:
+        self.owner = owner
         self.frame = memoryview(frame)
         #: Until then joiners share it (with catch-up) even when nobody else uses it.
         self.reusable_from = built_at + cost * REBUILD_SPACING
@@ -68,13 +76,18 @@ class _Snapshot:
     __slots__ = ("frame", "generation", "pos")
 
     def __init__(self, generation: _Generation) -> None:
+        if not generation.users:
+            generation.owner.live_snapshots += 1
         generation.users += 1
         self.generation = generation
         self.frame = generation.frame
         self.pos = 0
 
     def release(self) -> None:
-        self.generation.users -= 1
+        generation = self.generation
+        generation.users -= 1
+        if not generation.users:
+            generation.owner.live_snapshots -= 1
 
     def take(self, n: int) -> memoryview:
         piece = self.frame[self.pos:self.pos + n]
@@ -92,6 +105,7 @@ class Client:
     __slots__ = (
         "transport", "fd", "write", "buffered", "queue", "queued", "snapshot", "pong",
         "connected_at", "last_seen", "stalled_since", "close_reason", "peer", "owner", "_pumping",
+        "copies_writes", "linger",
     )
 
     def __init__(self, owner: Clients, transport: WSTransport) -> None:
@@ -119,6 +133,10 @@ class Client:
         self.close_reason: str | None = None
         self.peer = underlying.get_extra_info("peername")
         self._pumping = False
+        # uvloop's transports keep a reference to what they are given; asyncio's
+        # (3.11) copy it, which matters for the tail of a shared snapshot.
+        self.copies_writes = not type(underlying).__module__.startswith("uvloop")
+        self.linger: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<Client {self.peer} reason={self.close_reason}>"
@@ -145,8 +163,12 @@ class Clients:
     """
 
     def __init__(self, *, max_client_buffer: int, flush: Callable[[], None],
-                 snapshot_payload: Callable[[], bytes]) -> None:
+                 snapshot_payload: Callable[[], bytes], max_snapshots: int = 4) -> None:
         self.max_client_buffer = max_client_buffer
+        #: Fresh snapshots for refreshes wait while this many are on their way.
+        self.max_snapshots = max_snapshots
+        #: Snapshots not yet handed whole to every client they were queued for.
+        self.live_snapshots = 0
         self._flush = flush
         self._snapshot_payload = snapshot_payload
         #: Clients that get every batch (joined, not being closed).
@@ -165,6 +187,9 @@ class Clients:
         # Past this much catch-up, the next joiner gets a fresh snapshot: catch-up
         # counts against each joiner's bound, so it must stay well below it.
         self._catchup_limit = max(max_client_buffer // 4, 1)
+        # Clients waiting for a fresh snapshot, and the timer that looks again.
+        self._refreshing: list[Client] = []
+        self._refresh_handle: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -188,7 +213,29 @@ class Clients:
             self._catchup = []
             self._catchup_bytes = 0
 
-    def _send_snapshot(self, client: Client) -> None:
+    def _build(self) -> _Generation:
+        started = _monotonic()
+        frame = frame_text(self._snapshot_payload())
+        now = _monotonic()
+        generation = self._generation = _Generation(self, frame, now, now - started)
+        self._catchup = []
+        self._catchup_bytes = 0
+        self.snapshots_built += 1
+        return generation
+
+    def _queue_snapshot(self, client: Client, generation: _Generation, catchup: bool) -> None:
+        snapshot = _Snapshot(generation)
+        client.snapshot = snapshot
+        client.queue.append(snapshot)
+        if catchup:
+            for batch in self._catchup:
+                client.queue.append(batch)
+                client.queued += len(batch)
+        self.frames_sent += 1
+        self.bytes_sent += len(generation.frame)
+        self._pump(client)
+
+    def _send_joining_snapshot(self, client: Client) -> None:
         self._flush()
         generation = self._generation
         # A fresh snapshot when the registry changed since the current one, unless
@@ -197,29 +244,47 @@ class Clients:
         # together cost one snapshot, not N.
         if generation is None or (self._catchup and not generation.users
                                   and _monotonic() >= generation.reusable_from):
-            started = _monotonic()
-            frame = frame_text(self._snapshot_payload())
+            generation = self._build()
+        self._queue_snapshot(client, generation, catchup=True)
+
+    def _serve_refreshes(self) -> None:
+        """Send every waiting refresher one fresh snapshot, or look again shortly.
+
+        A refresh never gets an older snapshot with catch-up: the client has
+        those events already and would see them twice. Instead refreshers wait,
+        all for the same next build, while building now would come too soon
+        after the last one or too many snapshots are still on their way.
+        """
+        if not self._refreshing:
+            return
+        self._flush()
+        generation = self._generation
+        if generation is None or self._catchup:  # the registry changed since it was built
             now = _monotonic()
-            generation = self._generation = _Generation(frame, now, now - started)
-            self._catchup = []
-            self._catchup_bytes = 0
-            self.snapshots_built += 1
-        snapshot = _Snapshot(generation)
-        client.snapshot = snapshot
-        client.queue.append(snapshot)
-        for batch in self._catchup:
-            client.queue.append(batch)
-            client.queued += len(batch)
-        self.frames_sent += 1
-        self.bytes_sent += len(generation.frame)
-        self._pump(client)
+            wait = 0.0 if generation is None else generation.reusable_from - now
+            if wait > 0 or self.live_snapshots >= self.max_snapshots:
+                if self._refresh_handle is None:
+                    self._refresh_handle = asyncio.get_running_loop().call_later(
+                        max(wait, _REFRESH_RETRY), self._refresh_timer)
+                return
+            generation = self._build()
+        waiting, self._refreshing = self._refreshing, []
+        for client in waiting:
+            if client.close_reason is None:
+                self._queue_snapshot(client, generation, catchup=False)
+                if client.owed > self.max_client_buffer:
+                    self.close_slow(client)
+
+    def _refresh_timer(self) -> None:
+        self._refresh_handle = None
+        self._serve_refreshes()
 
     # -- joining and leaving --------------------------------------------------------
 
     def add_client(self, transport: WSTransport) -> Client:
         """Queue the snapshot and join the fan-out set in one step (no event in between)."""
         client = Client(self, transport)
-        self._send_snapshot(client)
+        self._send_joining_snapshot(client)
         self.members.add(client)
         return client
 
@@ -228,6 +293,9 @@ class Clients:
         self.members.discard(client)
         self.stalled.discard(client)
         _drop_queue(client)
+        if client.linger is not None:
+            client.linger.cancel()
+            client.linger = None
         if client.close_reason is None:  # the relay's own closes were counted when decided
             self.closed["normal"] += 1
 
@@ -242,14 +310,13 @@ class Clients:
         except orjson.JSONDecodeError:
             return
         if type(message) is dict and message.get("type") == "refresh":
-            if client.snapshot is not None:
+            if client.snapshot is not None or client in self._refreshing:
                 # One snapshot pending per client: it is already on its way, and
                 # everything after it follows it, so a second one adds nothing.
                 self.refreshes_coalesced += 1
                 return
-            self._send_snapshot(client)
-            if client.owed > self.max_client_buffer:
-                self.close_slow(client)
+            self._refreshing.append(client)
+            self._serve_refreshes()
 
     def on_client_ping(self, client: Client, payload: bytes) -> None:
         """Answer a PING; while the client is behind, only the latest one (a flood costs nothing)."""
@@ -342,12 +409,21 @@ class Clients:
         _drop_queue(client)
         if snapshot is not None and snapshot.pos:
             tail = snapshot.frame[snapshot.pos:]
-            if len(tail) > CLOSE_TAIL:
+            if client.copies_writes and len(tail) > CLOSE_TAIL:
                 client.transport.disconnect(False)
                 return
             client.write(tail)  # a close frame may not cut into a frame
         client.write(close_frame(code, reason))
-        client.transport.disconnect(True)
+        underlying = client.transport.underlying_transport
+        if underlying.can_write_eof():
+            # Half-close and keep reading until the client closes its side: a
+            # socket closed with unread input is reset, and the reset can
+            # overtake the close frame on its way.
+            underlying.write_eof()
+            client.linger = asyncio.get_running_loop().call_later(
+                CLOSE_LINGER, client.transport.disconnect, False)
+        else:
+            client.transport.disconnect(True)
         if client.buffered():
             self.mark_stalled(client)
 

@@ -87,6 +87,8 @@ class ServeConfig:
     max_machines: int = 100_000
     #: Deepest nesting of arrays and objects accepted in a datagram.
     max_depth: int = 64
+    #: Refreshes wait for a fresh snapshot while this many are still being sent.
+    max_snapshots: int = 4
     #: Datagrams taken from the socket per readable event before yielding to the loop.
     batch_cap: int = 1024
     #: Events arriving within this many seconds of the previous write to the

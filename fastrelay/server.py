@@ -56,6 +56,7 @@ class RelayServer:
             max_client_buffer=config.max_client_buffer,
             max_machines=config.max_machines,
             max_depth=config.max_depth,
+            max_snapshots=config.max_snapshots,
             batch_cap=config.batch_cap,
             write_delay=config.write_delay,
         )
