@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -43,8 +44,9 @@ def _positive(kind: type[Any]) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        # nan is not <= 0, and inf is no interval: both would reach the loop's timers.
+        if not value > 0 or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__
@@ -159,9 +161,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"fastrelay serve: error: {exc}", file=sys.stderr)
         return 2
 
-    from .logs import configure_logging
+    from .logs import LogDirUnavailable, configure_logging
 
-    configure_logging(config.log_dir)
+    try:
+        configure_logging(config.log_dir)
+    except LogDirUnavailable as exc:
+        print(f"fastrelay serve: error: {exc}", file=sys.stderr)
+        return 1
     _raise_fd_limit()
     try:
         import uvloop
@@ -187,25 +193,30 @@ def _raise_fd_limit() -> None:
 
 async def _run_server(config: ServeConfig, loop_name: str) -> int:
     from ._backend import BackendUnavailable
-    from .datagram import SocketInUse
+    from .datagram import SocketUnavailable
+    from .logs import LogDirUnavailable
     from .server import RelayServer
 
+    # Handlers go in before start(): a signal during start-up then stops the
+    # relay cleanly instead of killing it with its socket file left behind.
+    # SIGHUP (a closed terminal, an ssh session gone) is a stop like the others.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stopping.set)
     try:
         server = RelayServer(config)
         await server.start()
-    except (BackendUnavailable, SocketInUse) as exc:
+    except (BackendUnavailable, SocketUnavailable, LogDirUnavailable) as exc:
         print(f"fastrelay serve: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
+        # What is left: the TCP side (address in use, no such address, a bad --host).
         print(f"fastrelay serve: error: cannot listen on {config.host}:{config.port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"fastrelay {__version__} relaying {config.socket_path} -> {server.url} "
           f"(backend {server.backend}, loop {loop_name}, pid {os.getpid()})", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     await server.stop()
     return 0

@@ -6,13 +6,17 @@ README and RelayServer agree on one list.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 __all__ = [
     "DEFAULT_SOCKET_PATH",
     "MAX_DEPTH_LIMIT",
+    "MAX_SECONDS",
+    "MAX_SOCKET_PATH",
     "ServeConfig",
     "default_socket_path",
     "parse_mode",
@@ -23,6 +27,13 @@ DEFAULT_SOCKET_PATH = "/tmp/statemachine-events.sock"
 #: orjson refuses to serialise more than 254 levels, and a snapshot puts an
 #: event's ``data`` three levels down ({"machines": [{"data": ...}]}).
 MAX_DEPTH_LIMIT = 250
+
+#: Upper bound of every interval option: a day is already no keepalive, and
+#: larger values overflow the loop's timers and TCP_USER_TIMEOUT.
+MAX_SECONDS = 86400
+#: sun_path holds 108 bytes on Linux and 104 on macOS and the BSDs, one of
+#: them the terminating NUL that C emitters write.
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kib|kb|k|mib|mb|m|gib|gb|g)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -114,10 +125,14 @@ class ServeConfig:
         if not self.ws_path.startswith("/"):
             raise ValueError(f"--path {self.ws_path!r}: must start with /")
         for name in ("ping_interval", "send_timeout", "hang_threshold", "heartbeat_interval"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        if not 0 <= self.write_delay <= 1:
-            raise ValueError("--write-delay must be between 0 and 1 second")
+            value = getattr(self, name)
+            # nan passes every comparison and inf overflows the loop's timers:
+            # both used to get past here and fail only once the socket was bound.
+            if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be a positive number "
+                                 f"of seconds, at most {MAX_SECONDS}")
+        if not 0 <= self.write_delay <= 1:  # false for nan too
+            raise ValueError(f"--write-delay {self.write_delay!r}: must be between 0 and 1 second")
         if self.max_datagram > 16 * 1024 * 1024:
             raise ValueError("--max-datagram: at most 16MiB (the kernel caps datagrams well below)")
         if not 1 <= self.max_depth <= MAX_DEPTH_LIMIT:
@@ -128,3 +143,7 @@ class ServeConfig:
             raise ValueError(f"--backend {self.backend!r}: use auto, cython or python")
         if not self.socket_path:
             raise ValueError("--socket: the path must not be empty")
+        size = len(os.fsencode(self.socket_path))
+        if size > MAX_SOCKET_PATH or "\0" in self.socket_path:
+            raise ValueError(f"--socket {self.socket_path!r}: {size} bytes; socket paths hold at most "
+                             f"{MAX_SOCKET_PATH} and no NUL (pick a shorter path)")

@@ -24,6 +24,7 @@ from .config import ServeConfig
 from .datagram import bind_datagram_socket, max_dgram_qlen, socket_inode, unlink_socket
 from .heartbeat import Heartbeat
 from .keepalive import Keepalive
+from .logs import ensure_log_dir
 from .routes import Routes
 from .watchdog import LoopMonitor, Watchdog
 
@@ -81,10 +82,16 @@ class RelayServer:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the socket and the port and start relaying. Raises SocketInUse or OSError."""
+        """Bind the socket and the port and start relaying.
+
+        Raises LogDirUnavailable (--log-dir), SocketUnavailable or its subclass
+        SocketInUse (--socket), each with a one-line message naming what failed,
+        or OSError when the TCP address cannot be listened on. On failure no
+        socket file is left behind.
+        """
         config = self.config
         loop = asyncio.get_running_loop()
-        os.makedirs(config.log_dir, exist_ok=True)
+        ensure_log_dir(config.log_dir)  # the watchdog writes its stack dumps there
         self._sock = bind_datagram_socket(config.socket_path, config.socket_mode)
         self._sock_inode = socket_inode(config.socket_path)
         try:
@@ -108,10 +115,13 @@ class RelayServer:
                 # because the hub writes to the socket itself.
                 use_aiofastnet=False,
             )
+            _set_user_timeout(self._ws_server, _user_timeout(config.send_timeout))
         except BaseException:
+            if self._ws_server is not None:
+                self._ws_server.close()
+                self._ws_server = None
             self._close_socket()
             raise
-        _set_user_timeout(self._ws_server, _user_timeout(config.send_timeout))
         self._started_at = time.monotonic()
         self.hub.attach(self._sock, loop)
         self.monitor.start(loop)
