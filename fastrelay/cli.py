@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-origin", dest="allow_origins", action="append", default=[],
                        metavar="ORIGIN", help="browser origin allowed besides this host and "
                        "localhost; repeatable; '*' allows all")
+    serve.add_argument("--allow-host", dest="allow_hosts", action="append", default=[],
+                       metavar="NAME", help="host name clients may reach the relay by, besides "
+                       "loopback names, the --host name and IP addresses; repeatable; "
+                       "'*.example.com' allows subdomains, '*' any name")
     serve.add_argument("--token", default=None,
                        help="shared secret required on every request but /healthz "
                             "(default $FASTRELAY_TOKEN)")

@@ -6,6 +6,7 @@ README and RelayServer agree on one list.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -42,6 +43,14 @@ _SIZE_UNITS = {
     "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
     "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
 }
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def default_socket_path() -> str:
@@ -115,6 +124,9 @@ class ServeConfig:
     heartbeat_interval: float = 5.0
     log_dir: str = "logs"
     allow_origins: list[str] = field(default_factory=list)
+    #: Host names clients may use besides loopback names, the bind name and IP
+    #: literals (the DNS-rebinding guard); "*.example.com" covers subdomains, "*" all.
+    allow_hosts: list[str] = field(default_factory=list)
     token: str | None = None
     backend: str = "auto"
 
@@ -147,3 +159,9 @@ class ServeConfig:
         if size > MAX_SOCKET_PATH or "\0" in self.socket_path:
             raise ValueError(f"--socket {self.socket_path!r}: {size} bytes; socket paths hold at most "
                              f"{MAX_SOCKET_PATH} and no NUL (pick a shorter path)")
+        for name in self.allow_hosts:
+            bare = name.removeprefix("*.")
+            if name != "*" and (not bare or any(c in bare for c in "/@?#* ")
+                                or (":" in bare and not _is_ipv6(bare.strip("[]")))):
+                raise ValueError(f"--allow-host {name!r}: give a host name without scheme or port, "
+                                 "like relay.example.com or *.example.com")

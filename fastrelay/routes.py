@@ -26,7 +26,10 @@ _STATIC_TYPES = {
     ".svg": "image/svg+xml",
     ".ico": "image/x-icon",
 }
-_STATIC_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: Names of the shipped files: short, plain, no path. Anything else is 404
+#: before the file system is asked (a 300-character name made open() fail
+#: with ENAMETOOLONG, and the 500 said where the package is installed).
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: Bodies smaller than this are not worth tracking (they are bounded by the
 #: number of connections, which the descriptor limit bounds).
 _TRACK_FROM = 64 * 1024
@@ -120,7 +123,7 @@ class Routes:
             return None
         try:
             body = resources.files("fastrelay").joinpath("static", name).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except OSError:  # not there, a directory, unreadable: none of it is the client's business
             return None
         response = Response(200, _STATIC_TYPES[suffix], body)
         self._static[name] = response

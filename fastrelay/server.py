@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import time
+import traceback
 from dataclasses import replace
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from .config import ServeConfig
 from .datagram import bind_datagram_socket, max_dgram_qlen, socket_inode, unlink_socket
 from .heartbeat import Heartbeat
 from .keepalive import Keepalive
-from .logs import ensure_log_dir
+from .logs import LogLimiter, ensure_log_dir
 from .routes import Routes
 from .watchdog import LoopMonitor, Watchdog
 
@@ -70,7 +71,7 @@ class RelayServer:
             send_timeout=config.send_timeout,
         )
         self.heartbeat = Heartbeat(self.hub, self.monitor, config.heartbeat_interval)
-        self.access = AccessPolicy(config.allow_origins, config.token)
+        self.access = AccessPolicy.from_config(config)
         self.routes = Routes(self)
         self._metrics: Any = None
         self._watchdog: Watchdog | None = None
@@ -208,25 +209,29 @@ class RelayServer:
     # -- routing -------------------------------------------------------------------
 
     def _route(self, request: WSUpgradeRequest) -> Any:
-        path, query = split_target(request.path)
-        headers = request.headers
-        if not self.access.origin_allowed(headers.get("Origin"), headers.get("Host")):
-            return _error(403, b"origin not allowed: start the relay with --allow-origin ORIGIN\n")
-        if path != "/healthz" and not self.access.token_ok(query, headers.get("Authorization")):
-            return _error(401, b"token required: pass ?token=... or Authorization: Bearer ...\n",
-                          {"WWW-Authenticate": "Bearer"})
-        if path == self.config.ws_path:
-            return self.hub.make_listener()
-        if TEST_HOOKS and path == "/_test/block":
-            seconds = float(query.get("seconds", ["1"])[0])
-            time.sleep(seconds)  # deliberately blocks the loop
-            return _ok("text/plain", b"blocked\n")
-        response = self.routes.get(path)
-        if response is None:
-            return None  # picows answers 404
-        if response.status != 200:
-            return _error(response.status, bytes(response.body))
-        return _ok(response.content_type, response.body)
+        # picows answers an exception from here with 500 and str(exc) as the
+        # body (an install path, a codec complaint): answer a fixed text
+        # instead, and keep the details for the log.
+        try:
+            path, query = split_target(request.path)
+            refusal = self.access.check(path, query, request.headers)
+            if refusal is not None:
+                return _error(refusal.status, refusal.body, refusal.headers)
+            if path == self.config.ws_path:
+                return self.hub.make_listener()
+            if TEST_HOOKS and path == "/_test/block":
+                seconds = float(query.get("seconds", ["1"])[0])
+                time.sleep(seconds)  # deliberately blocks the loop
+                return _ok("text/plain", b"blocked\n")
+            response = self.routes.get(path)
+            if response is None:
+                return None  # picows answers 404
+            if response.status != 200:
+                return _error(response.status, bytes(response.body))
+            return _ok(response.content_type, response.body)
+        except Exception as exc:
+            _log_internal_error(exc)
+            return _error(500, b"internal error\n")
 
 
 def _user_timeout(send_timeout: float) -> float:
@@ -247,6 +252,18 @@ def _set_user_timeout(server: asyncio.Server, seconds: float) -> None:
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, option, max(int(seconds * 1000), 1))
+
+
+#: One log line per kind of routing failure per minute: a client that found a
+#: way to make one cannot fill the disk by repeating it.
+_INTERNAL_ERRORS = LogLimiter(interval=60.0, max_keys=16)
+
+
+def _log_internal_error(exc: Exception) -> None:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    key = f"{type(exc).__name__}@{where.filename}:{where.lineno}" if where else type(exc).__name__
+    if _INTERNAL_ERRORS.allow(key):
+        log.error("answered 500 to an HTTP request: %s", type(exc).__name__, exc_info=exc)
 
 
 def _ok(content_type: str, body: bytes | bytearray) -> WSUpgradeResponseWithListener:
