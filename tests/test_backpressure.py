@@ -367,40 +367,46 @@ async def raw_handshake(link: Any, relay: Any, rcvbuf: int = 4096) -> socket.soc
 
 
 async def read_to_close(sock: socket.socket, timeout: float) -> tuple[list[bytes], int | str]:
-    """Read server frames until a close frame or the end: (text payloads, close code or
-    "eof"/"reset"). Keeps only the first 32 bytes of each text payload."""
+    """Read server frames until a close frame or the end: (text payloads, close code, or
+    how it ended: "eof"/"reset"/"timeout" after N bytes). Keeps the first 32 bytes of each
+    text payload."""
     loop = asyncio.get_running_loop()
     buf = bytearray()
     texts: list[bytes] = []
     deadline = loop.time() + timeout
+    total = 0
 
-    async def need(n: int) -> bool:
+    async def need(n: int) -> str | None:
+        nonlocal total
         while len(buf) < n:
             try:
                 chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20),
                                                max(deadline - loop.time(), 0.01))
             except ConnectionResetError:
-                return False
+                return f"reset after {total} bytes"
+            except asyncio.TimeoutError:
+                return f"timeout after {total} bytes"
             if not chunk:
-                return False
+                return f"eof after {total} bytes"
+            total += len(chunk)
             buf.extend(chunk)
-        return True
+        return None
 
     while True:
-        if not await need(2):
-            return texts, "eof"
+        if ended := await need(2):
+            return texts, ended
         opcode, length = buf[0] & 0x0F, buf[1] & 0x7F
         head = 2
         if length == 126:
-            if not await need(4):
-                return texts, "eof"
+            if ended := await need(4):
+                return texts, ended
             length, head = int.from_bytes(buf[2:4], "big"), 4
         elif length == 127:
-            if not await need(10):
-                return texts, "eof"
+            if ended := await need(10):
+                return texts, ended
             length, head = int.from_bytes(buf[2:10], "big"), 10
-        if not await need(head + length):
-            return texts, "eof"
+        if ended := await need(head + length):
+            return texts, ended
         payload = bytes(buf[head:head + min(length, 32)])
         del buf[:head + length]
         if opcode == 0x8:
