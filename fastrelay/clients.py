@@ -386,6 +386,10 @@ class Clients:
         client.last_seen = _monotonic()
         client.stalled_since = None
         self.stalled.discard(client)
+        if client.close_reason is not None:
+            if client.transport.underlying_transport.can_write_eof():
+                self._linger(client)
+            return
         self._pump(client)
 
     # -- closing --------------------------------------------------------------------------
@@ -420,12 +424,19 @@ class Clients:
             # socket closed with unread input is reset, and the reset can
             # overtake the close frame on its way.
             underlying.write_eof()
-            client.linger = asyncio.get_running_loop().call_later(
-                CLOSE_LINGER, client.transport.disconnect, False)
+            if client.buffered():
+                self.mark_stalled(client)  # the send timeout runs, then the linger
+            else:
+                self._linger(client)
         else:
             client.transport.disconnect(True)
-        if client.buffered():
-            self.mark_stalled(client)
+            if client.buffered():
+                self.mark_stalled(client)
+
+    def _linger(self, client: Client) -> None:
+        if client.linger is None:
+            client.linger = asyncio.get_running_loop().call_later(
+                CLOSE_LINGER, client.transport.disconnect, False)
 
     def abort_client(self, client: Client, why: str) -> None:
         """Drop ``client``'s connection at once, discarding what it has not read."""
