@@ -19,6 +19,8 @@ once per new client, and a client that never reads costs at most its bound.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -54,6 +56,12 @@ _REFRESH_RETRY = 0.05
 GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 _monotonic = time.monotonic
+# struct tcp_info (Linux): tcpi_unacked is the u32 at offset 24, tcpi_bytes_acked
+# the u64 at offset 120.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_LEN = 128
+_UNACKED = struct.Struct("=I")
+_BYTES_ACKED = struct.Struct("=Q")
 
 
 class _Generation:
@@ -105,7 +113,7 @@ class Client:
     __slots__ = (
         "transport", "fd", "write", "buffered", "queue", "queued", "snapshot", "pong",
         "connected_at", "last_seen", "stalled_since", "close_reason", "peer", "owner", "_pumping",
-        "copies_writes", "linger",
+        "copies_writes", "linger", "sock", "acked",
     )
 
     def __init__(self, owner: Clients, transport: WSTransport) -> None:
@@ -116,7 +124,9 @@ class Client:
         underlying.set_write_buffer_limits(high=0, low=0)
         self.owner = owner
         self.transport = transport
-        self.fd: int = underlying.get_extra_info("socket").fileno()
+        self.sock = underlying.get_extra_info("socket")
+        self.fd: int = self.sock.fileno()
+        self.acked = 0
         self.write: Callable[[bytes | memoryview], None] = underlying.write
         self.buffered: Callable[[], int] = underlying.get_write_buffer_size
         #: Frames owed behind what the transport holds: bytes, or one _Snapshot.
@@ -145,6 +155,27 @@ class Client:
     def owed(self) -> int:
         """Bytes the relay holds for this client: its queue plus its transport's buffer."""
         return self.queued + self.buffered()
+
+    def reading(self) -> bool:
+        """True when the client's kernel acknowledged more of our data since the last
+        look and some is still on its way: the client is behind, not gone.
+
+        A busy page answers our pings only after the events queued ahead of
+        them, so silence alone does not mean it is dead while it keeps reading.
+        A hung client stops acknowledging once its receive buffer is full, and
+        an idle one has nothing in flight, so neither passes.
+        """
+        if _TCP_INFO is None:
+            return False
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+        except OSError:
+            return False
+        if len(info) < _TCP_INFO_LEN:
+            return False
+        acked = _BYTES_ACKED.unpack_from(info, 120)[0]
+        progressed, self.acked = acked > self.acked, acked
+        return progressed and (_UNACKED.unpack_from(info, 24)[0] > 0 or self.owed > 0)
 
     # picows's backpressure callbacks, forwarded by the listener.
     def on_paused(self) -> None:

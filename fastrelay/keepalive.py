@@ -65,8 +65,15 @@ class Keepalive:
         """Send one JSON ping to every client and close those silent for too long."""
         hub = self.hub
         hub.broadcast(orjson.dumps({"type": "ping", "timestamp": time.time()}))
-        deadline = time.monotonic() - self.silence_limit
-        silent = [c for c in hub.clients if c.last_seen < deadline]
+        now = time.monotonic()
+        deadline = now - self.silence_limit
+        silent = []
+        for client in hub.clients:
+            if client.last_seen < deadline:
+                if client.reading():  # behind, with our pings queued ahead of its pongs
+                    client.last_seen = now
+                else:
+                    silent.append(client)
         for client in silent:
             log.info("closing unresponsive client %s (silent for %.1f s)", client.peer,
                      time.monotonic() - client.last_seen)
