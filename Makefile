@@ -15,6 +15,9 @@ test: test-deps
 test-deps:
 	FASTRELAY_BUILD_EXTENSION=yes $(PYTHON) -m pip install -e '.[test]'
 	bash scripts/ensure-chromium.sh
+	# ip and tc build the slow-link network namespace of tests/netns.py.
+	command -v tc >/dev/null && command -v ip >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2)
 
 lint:
 	$(PYTHON) -m ruff check fastrelay tests bench
