@@ -23,7 +23,7 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -53,7 +53,6 @@ CLOSE_LINGER = 2.0
 #: How often deferred refreshes look again whether a snapshot may be built.
 _REFRESH_RETRY = 0.05
 #: Close codes (RFC 6455 §7.4.1).
-GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 _monotonic = time.monotonic
 # struct tcp_info (Linux): tcpi_unacked is the u32 at offset 24, tcpi_bytes_acked
@@ -224,9 +223,6 @@ class Clients:
 
     def __len__(self) -> int:
         return len(self.members)
-
-    def __iter__(self) -> Iterator[Client]:
-        return iter(self.members)
 
     @property
     def collecting(self) -> bool:
@@ -401,7 +397,7 @@ class Clients:
                     queue.popleft()
                     client.queued -= len(item)  # type: ignore[arg-type]
                     write(item)  # type: ignore[arg-type]
-            if buffered() and client.stalled_since is None:
+            if buffered():
                 self.mark_stalled(client)
         finally:
             client._pumping = False
