@@ -26,4 +26,4 @@ typecheck:
 	$(PYTHON) -m mypy
 
 clean:
-	rm -rf build dist *.egg-info fastrelay/_core.c fastrelay/*.so
+	rm -rf build dist *.egg-info fastrelay/_core.c fastrelay/_hub_c.c fastrelay/*.so

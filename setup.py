@@ -1,7 +1,9 @@
 """Build fastrelay, with the Cython core when it can be built.
 
 FASTRELAY_BUILD_EXTENSION selects the build, once, here:
-  unset  try to compile fastrelay._core; on any failure print one line and
+  unset  try to compile fastrelay._core (the native primitives) and
+         fastrelay._hub_c (fastrelay/hub.py, compiled through the link
+         _hub_c.py and typed by _hub_c.pxd); on any failure print one line and
          build the pure-Python package (the relay then runs its Python hub);
   yes    the extension must build: a failure fails the install (CI, wheels);
   no     pure build, no compiler needed.
@@ -58,10 +60,11 @@ def extensions() -> list[Extension]:
     if PURE:
         print("fastrelay: pure build (FASTRELAY_BUILD_EXTENSION=no or FASTRELAY_NO_EXTENSIONS set)")
         return []
-    source = HERE / "fastrelay" / "_core.pyx"
-    if not source.exists():
+    sources = [HERE / "fastrelay" / name for name in ("_core.pyx", "_hub_c.py", "_hub_c.pxd")]
+    missing = [path.name for path in sources if not path.exists()]
+    if missing:
         if MUST_BUILD:
-            sys.exit("fastrelay: FASTRELAY_BUILD_EXTENSION=yes but fastrelay/_core.pyx is missing")
+            sys.exit(f"fastrelay: FASTRELAY_BUILD_EXTENSION=yes but {', '.join(missing)} is missing")
         return []
     try:
         from Cython.Build import cythonize
@@ -70,13 +73,15 @@ def extensions() -> list[Extension]:
             raise
         print(f"fastrelay: pure build, Cython is not installed ({exc})", file=sys.stderr)
         return []
-    ext = Extension(
-        "fastrelay._core",
-        ["fastrelay/_core.pyx"],
-        extra_compile_args=["-O3"],
-    )
+    ext = [
+        Extension("fastrelay._core", ["fastrelay/_core.pyx"], extra_compile_args=["-O3"]),
+        Extension("fastrelay._hub_c", ["fastrelay/_hub_c.py"], extra_compile_args=["-O3"]),
+    ]
     try:
-        return list(cythonize([ext], language_level=3, quiet=True))
+        # hub.py's annotations are for type checkers (``i: int`` would
+        # make Cython demand a Python int); _hub_c.pxd declares the C types.
+        return list(cythonize(ext, language_level=3, quiet=True,
+                              compiler_directives={"annotation_typing": False}))
     except Exception as exc:
         if MUST_BUILD:
             raise

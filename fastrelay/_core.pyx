@@ -1,35 +1,24 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The hub in Cython: the same API as ``fastrelay._core_py``, with the hot path in C.
+"""The hub's primitives in C: the twin of ``fastrelay._core_py``, same API, same bytes.
 
-What is compiled, and why:
-- intake reads the datagram socket's raw descriptor with ``recvmmsg`` (one
+Only what must be native is here; the hub's algorithm and policy are
+``fastrelay.hub``, compiled for this backend as ``fastrelay._hub_c``.
+- ``receive`` reads the datagram socket's raw descriptor with ``recvmmsg`` (one
   system call per batch on Linux; ``recvmsg`` elsewhere) into fixed slots, and
-  orjson parses each slot through a memoryview, with no per-event bytes object;
-- each accepted event is framed straight from its slot into one batch buffer,
-  splicing ``previous_state`` into the emitter's bytes instead of re-serialising;
-- fan-out writes that buffer to each client's socket with one ``send()`` when
+  ``view`` hands orjson a slot without making a bytes object;
+- ``frame`` and ``splice`` copy a slot into one batch buffer behind its frame
+  header, splicing ``previous_state`` into the emitter's bytes;
+- ``send`` writes that buffer to each client's socket with one ``send()`` when
   nothing is waiting for that client, checked at that moment in its transport
   and its queue (exactly what picows's own fast path does); a client with a
   backlog, or a partial write, gets a Python bytes object, made once per batch.
-The registry (``fastrelay.registry``) and what is owed to each client
-(``fastrelay.clients``) are the same Python code as the pure hub's, so the two
-behave identically.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
-import time
-
-import orjson
-
-from ._hubdefs import BATCH_BUCKETS, REJECT_REASONS, classify_undecodable, hub_stats
-from .clients import Client, Clients
-from .listener import Listener
-from .registry import Registry, nesting_depth
-
-__all__ = ["Client", "Hub", "frame_text"]
+__all__ = ["SLOTS", "Batch", "frame_text"]
 
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char* mem, Py_ssize_t size, int flags)
@@ -120,11 +109,8 @@ cdef extern from *:
 cdef enum:
     VLEN = 32
 
-cdef object _loads = orjson.loads
-cdef object _dumps = orjson.dumps
-cdef object _JSONDecodeError = orjson.JSONDecodeError
-cdef object _monotonic = time.monotonic
-cdef object _time = time.time
+SLOTS = VLEN
+
 cdef bytes _PREV_KEY = b',"previous_state":'
 cdef Py_ssize_t _PREV_KEY_LEN = len(_PREV_KEY)
 
@@ -155,266 +141,159 @@ def frame_text(bytes payload):
     return PyBytes_FromStringAndSize(<char*>head, h) + payload
 
 
-cdef inline Py_ssize_t _count_brackets(const char* data, Py_ssize_t n) noexcept:
-    """Opening brackets in ``data``: an upper bound on how deeply it nests."""
-    cdef Py_ssize_t i, count = 0
-    for i in range(n):
-        if data[i] == 91 or data[i] == 123:  # '[' or '{'
-            count += 1
-    return count
+cdef class Batch:
+    """Slots for received datagrams and the buffer of frames made from them.
 
+    See ``fastrelay._core_py.Batch``: the same methods, in C.
+    """
 
-cdef class Hub:
-    """Datagram intake, machine registry and fan-out; one per RelayServer."""
-
-    cdef readonly str backend
-    cdef public Py_ssize_t max_datagram
-    cdef public Py_ssize_t max_depth
-    cdef public Py_ssize_t batch_cap
-    cdef readonly object registry
-    cdef readonly object peers
-    cdef readonly set clients
-    cdef readonly set stalled
-    cdef public unsigned long long accepted
-    cdef public unsigned long long relayed
-    cdef public unsigned long long frames_sent
-    cdef public unsigned long long bytes_sent
-    cdef public unsigned long long batches
-    cdef readonly dict rejects
-    cdef readonly list batch_histogram
-    cdef object _sock
-    cdef object _loop
-    cdef object _update
+    cdef readonly Py_ssize_t max_datagram
+    cdef readonly Py_ssize_t framed
+    cdef readonly Py_ssize_t nbytes
     cdef int _fd
+    cdef int _got
     cdef char* _slots
     cdef Py_ssize_t _sizes[VLEN]
     cdef char* _out
-    cdef Py_ssize_t _out_cap
-    cdef Py_ssize_t _used
-    cdef Py_ssize_t _framed
-    cdef public double write_delay
-    cdef double _last_write
-    cdef object _flush_handle
+    cdef Py_ssize_t _cap
 
     def __cinit__(self):
         self._slots = NULL
         self._out = NULL
         self._fd = -1
 
-    def __init__(self, *, max_datagram=64 * 1024, max_client_buffer=4 * 1024 * 1024,
-                 max_machines=100_000, max_depth=64, max_snapshots=4, batch_cap=1024,
-                 write_delay=0.0):
-        self.backend = "cython"
-        self.write_delay = write_delay
-        self._last_write = 0.0
-        self._flush_handle = None
-        self._used = self._framed = 0
+    def __init__(self, Py_ssize_t max_datagram):
         self.max_datagram = max_datagram
-        self.max_depth = max_depth
-        self.batch_cap = batch_cap
-        # An OrderedDict: kept as a plain object so that Cython never applies
-        # dict-only C calls to it, which would skip its recency links.
-        self.registry = Registry(max_machines)
-        self._update = self.registry.update
-        self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
-                             snapshot_payload=self.registry.snapshot_payload,
-                             max_snapshots=max_snapshots)
-        self.clients = self.peers.members
-        self.stalled = self.peers.stalled
-        self.accepted = self.relayed = self.frames_sent = self.bytes_sent = 0
-        self.batches = 0
-        self.rejects = dict.fromkeys(REJECT_REASONS, 0)
-        self.batch_histogram = [0] * (len(BATCH_BUCKETS) + 1)
+        self.framed = self.nbytes = 0
+        self._got = 0
         self._slots = <char*>malloc(<size_t>VLEN * <size_t>max_datagram)
-        self._out_cap = 64 * 1024
-        self._out = <char*>malloc(self._out_cap)
+        self._cap = 64 * 1024
+        self._out = <char*>malloc(self._cap)
         if self._slots == NULL or self._out == NULL:
             raise MemoryError()
-        self._sock = None
-        self._loop = None
 
     def __dealloc__(self):
         free(self._slots)
         free(self._out)
 
-    @property
-    def machines(self):
-        return self.registry.machines
+    # -- receiving ---------------------------------------------------------------
 
-    @property
-    def evicted(self):
-        return self.registry.evicted
+    def attach(self, sock):
+        """Receive from ``sock`` (a non-blocking datagram socket) from now on; None stops."""
+        self._fd = -1 if sock is None else sock.fileno()
 
-    @property
-    def closed(self):
-        return self.peers.closed
+    def receive(self):
+        """Fill the slots from the socket; returns how many (0 when it is empty or detached)."""
+        if self._fd < 0:
+            return 0
+        cdef int got = fr_recv_batch(self._fd, self._slots, <size_t>self.max_datagram, VLEN,
+                                     self._sizes)
+        self._got = got if got > 0 else 0
+        return self._got
 
-    # -- intake ----------------------------------------------------------------
+    cdef inline char* _slot(self, Py_ssize_t i) except NULL:
+        if i < 0 or i >= self._got:
+            raise IndexError("no such slot in this batch")
+        return self._slots + i * self.max_datagram
 
-    def attach(self, sock, loop):
-        """Start draining ``sock`` (a bound, non-blocking AF_UNIX SOCK_DGRAM socket) on ``loop``."""
-        self._sock = sock
-        self._loop = loop
-        self._fd = sock.fileno()
-        loop.add_reader(self._fd, self.drain)
+    def size(self, Py_ssize_t i):
+        """Slot ``i``'s datagram length, or -1 when it did not fit in ``max_datagram``."""
+        self._slot(i)
+        return self._sizes[i]
 
-    def detach(self):
-        """Stop reading the datagram socket (the caller closes it)."""
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-        self._sock = None
-        self._fd = -1
-        self.flush()
+    def view(self, Py_ssize_t i):
+        """Slot ``i``'s datagram, valid until the next receive()."""
+        return PyMemoryView_FromMemory(self._slot(i), max(self._sizes[i], 0), PyBUF_READ)
 
-    cdef inline void _reserve(self, Py_ssize_t need) except *:
-        """Make the batch buffer hold at least ``need`` bytes."""
+    def raw(self, Py_ssize_t i):
+        """Slot ``i``'s datagram as bytes."""
+        return PyBytes_FromStringAndSize(self._slot(i), max(self._sizes[i], 0))
+
+    def brackets(self, Py_ssize_t i):
+        """Opening brackets in slot ``i``: an upper bound on how deeply it nests."""
+        cdef const char* data = self._slot(i)
+        cdef Py_ssize_t j, count = 0
+        for j in range(self._sizes[i]):
+            if data[j] == 91 or data[j] == 123:  # '[' or '{'
+                count += 1
+        return count
+
+    # -- framing -----------------------------------------------------------------
+
+    def frame(self, Py_ssize_t i):
+        """Append slot ``i`` to the buffer as one text frame."""
+        cdef char* slot = self._slot(i)
+        cdef Py_ssize_t size = self._sizes[i]
+        self._reserve(self.nbytes + size + 10)
+        self.nbytes += _header(<unsigned char*>self._out + self.nbytes, size)
+        self._copy(slot, size)
+        self.framed += 1
+
+    def splice(self, Py_ssize_t i, bytes previous):
+        """Append slot ``i`` (a JSON object) with ``,"previous_state":<previous>`` added at its end."""
+        cdef char* slot = self._slot(i)
+        cdef Py_ssize_t end = self._sizes[i]
+        while end > 0 and slot[end - 1] in b" \t\r\n":
+            end -= 1
+        end -= 1  # the closing brace
+        if end < 0:
+            raise ValueError("slot is not a JSON object")
+        cdef Py_ssize_t plen = end + _PREV_KEY_LEN + PyBytes_GET_SIZE(previous) + 1
+        self._reserve(self.nbytes + plen + 10)
+        self.nbytes += _header(<unsigned char*>self._out + self.nbytes, plen)
+        self._copy(slot, end)
+        self._copy(PyBytes_AS_STRING(_PREV_KEY), _PREV_KEY_LEN)
+        self._copy(PyBytes_AS_STRING(previous), PyBytes_GET_SIZE(previous))
+        self._copy(b"}", 1)
+        self.framed += 1
+
+    def add(self, bytes payload):
+        """Append a relay-made message as one text frame."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        self._reserve(self.nbytes + n + 10)
+        self.nbytes += _header(<unsigned char*>self._out + self.nbytes, n)
+        self._copy(PyBytes_AS_STRING(payload), n)
+        self.framed += 1
+
+    cdef void _reserve(self, Py_ssize_t need) except *:
         cdef char* grown
-        if need <= self._out_cap:
+        cdef Py_ssize_t cap = self._cap
+        if need <= cap:
             return
-        cap = self._out_cap
         while cap < need:
             cap *= 2
         grown = <char*>realloc(self._out, cap)
         if grown == NULL:
             raise MemoryError()
         self._out = grown
-        self._out_cap = cap
+        self._cap = cap
 
-    def drain(self):
-        """Take one batch from the socket, update the registry, fan it out; returns datagrams read."""
-        if self._fd < 0:
-            return 0
-        cdef Py_ssize_t count = 0, got, i
-        cdef Py_ssize_t slot_size = self.max_datagram
-        cdef Py_ssize_t before = self._framed
-        while count < self.batch_cap:
-            got = fr_recv_batch(self._fd, self._slots, <size_t>slot_size, VLEN, self._sizes)
-            if got <= 0:
-                break
-            count += got
-            for i in range(got):
-                self._take(self._slots + i * slot_size, self._sizes[i])
-            # No early exit on a short read: the kernel queue holds only
-            # max_dgram_qlen datagrams, so emitters refill it while we parse,
-            # and reading on until EAGAIN is what makes batches large.
-        if self._framed > before:
-            self.accepted += self._framed - before
-            self._schedule_write()
-        return count
-
-    cdef void _schedule_write(self) except *:
-        # Coalescing (--write-delay): a write to every client costs one system
-        # call per client whatever it carries, so events arriving within
-        # write_delay of the previous write share the next one; an event after
-        # a quiet spell goes out at once. A full batch never waits.
-        cdef bint full = self._framed >= self.batch_cap
-        if self._flush_handle is not None and not full:
-            return
-        cdef double wait = self._last_write + self.write_delay - _monotonic()
-        if wait <= 0 or full:
-            self.flush()
-        else:
-            self._flush_handle = self._loop.call_later(wait, self.flush)
-
-    def flush(self):
-        """Write every accepted, not yet written event to every client now."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        if not self._framed:
-            return
-        cdef Py_ssize_t framed = self._framed, used = self._used
-        self._framed = self._used = 0
-        self._last_write = _monotonic()
-        self._record_batch(framed)
-        cdef object shared = None
-        if self.peers.collecting:
-            shared = PyBytes_FromStringAndSize(self._out, used)
-            self.peers.record(shared)
-        self._fanout(self._out, used, framed, shared)
-        self.relayed += framed * len(self.clients)
-
-    cdef void _take(self, char* slot, Py_ssize_t size) except *:
-        """Validate one datagram, update the registry, and frame it onto the batch buffer."""
-        cdef Py_ssize_t end, plen
-        cdef bytes prev_json
-        cdef dict event
-        cdef object parsed, machine_id, previous
-        if size < 0:
-            self.rejects["too_large"] += 1
-            return
-        try:
-            parsed = _loads(PyMemoryView_FromMemory(slot, size, PyBUF_READ))
-        except _JSONDecodeError:
-            self.rejects[classify_undecodable(slot[:size])] += 1
-            return
-        if type(parsed) is not dict:
-            self.rejects["not_object"] += 1
-            return
-        event = <dict>parsed
-        if type(event.get("type")) is not str:
-            self.rejects["invalid_type"] += 1
-            return
-        # Counting brackets is a cheap bound on nesting: only a datagram with
-        # that many is walked. orjson parses 1,024 levels but writes 254, so a
-        # deeper one would break every snapshot that contains it.
-        if (_count_brackets(slot, size) > self.max_depth
-                and nesting_depth(event, self.max_depth) > self.max_depth):
-            self.rejects["too_deep"] += 1
-            return
-        machine_id = event.get("machine_id")
-        previous = None
-        if type(machine_id) is str:
-            previous = self._update(machine_id, event)
-        if event["type"] == "state_change" and "previous_state" not in event:
-            # Splice into the emitter's own bytes rather than re-serialising.
-            end = size - 1
-            while end > 0 and slot[end] in b" \t\r\n":
-                end -= 1
-            prev_json = _dumps(previous)
-            plen = end + _PREV_KEY_LEN + PyBytes_GET_SIZE(prev_json) + 1
-            self._reserve(self._used + plen + 10)
-            self._used += _header(<unsigned char*>self._out + self._used, plen)
-            self._append(slot, end)
-            self._append(PyBytes_AS_STRING(_PREV_KEY), _PREV_KEY_LEN)
-            self._append(PyBytes_AS_STRING(prev_json), PyBytes_GET_SIZE(prev_json))
-            self._append(b"}", 1)
-        else:
-            self._reserve(self._used + size + 10)
-            self._used += _header(<unsigned char*>self._out + self._used, size)
-            self._append(slot, size)
-        self._framed += 1
-
-    cdef inline void _append(self, const char* data, Py_ssize_t n) noexcept:
+    cdef inline void _copy(self, const char* data, Py_ssize_t n) noexcept:
         # Capacity was reserved by the caller for the whole frame.
-        memcpy(self._out + self._used, data, n)
-        self._used += n
+        memcpy(self._out + self.nbytes, data, n)
+        self.nbytes += n
 
-    cdef void _record_batch(self, Py_ssize_t n) except *:
-        self.batches += 1
-        cdef Py_ssize_t index = 0
-        cdef Py_ssize_t m = n - 1
-        while m > 0:
-            index += 1
-            m >>= 1
-        if index >= len(self.batch_histogram):
-            index = len(self.batch_histogram) - 1
-        self.batch_histogram[index] += 1
+    def take(self):
+        """The buffer's bytes (the batch stays in place)."""
+        return PyBytes_FromStringAndSize(self._out, self.nbytes)
 
-    # -- fan-out -----------------------------------------------------------------
+    def clear(self):
+        self.framed = self.nbytes = 0
 
-    cdef void _fanout(self, char* data, Py_ssize_t size, Py_ssize_t nframes,
-                      object shared) except *:
-        cdef Py_ssize_t n = len(self.clients)
-        if n == 0:
-            return
-        cdef Py_ssize_t sent
+    # -- fan-out -------------------------------------------------------------------
+
+    def send(self, clients, enqueue, bytes shared=None):
+        """Write the buffer to every client; returns those it would put over their bound.
+
+        A client gets the bytes straight on its socket when nothing waits for
+        it in its transport or its queue, checked at this moment; otherwise
+        they join its queue through ``enqueue``. ``shared`` is the buffer's
+        bytes when the caller has them already.
+        """
+        cdef Py_ssize_t size = self.nbytes, sent
+        cdef char* data = self._out
         cdef list over = None
-        enqueue = self.peers.enqueue
-        for client in self.clients:
-            # Checked at the moment of writing, never through a flag: a byte may
-            # go to the socket only when nothing waits ahead of it for this
-            # client, in its transport or in its queue.
+        for client in clients:
             if not client.queue and not client.buffered():
                 sent = fr_send(client.fd, data, size)
                 if sent == size:
@@ -429,42 +308,4 @@ cdef class Hub:
                     if over is None:
                         over = []
                     over.append(client)
-        self.frames_sent += nframes * n
-        self.bytes_sent += size * n
-        if over is not None:
-            for client in over:
-                self.peers.close_slow(client)
-
-    def broadcast(self, bytes payload):
-        """Send one relay-made message (a ping) to every client, framed once."""
-        self.flush()
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-        self._reserve(n + 10)
-        cdef Py_ssize_t h = _header(<unsigned char*>self._out, n)
-        memcpy(self._out + h, PyBytes_AS_STRING(payload), n)
-        self._fanout(self._out, h + n, 1, None)
-
-    # -- clients -------------------------------------------------------------------
-
-    def make_listener(self):
-        """A picows listener bound to this hub, for one new connection."""
-        return Listener(self.peers)
-
-    def close_client(self, client, code, bytes reason, str why):
-        """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted."""
-        self.peers.close_client(client, code, reason, why)
-
-    def abort_client(self, client, str why):
-        """Drop ``client``'s connection at once, discarding what it has not read."""
-        self.peers.abort_client(client, why)
-
-    # -- registry ------------------------------------------------------------------
-
-    def snapshot_payload(self):
-        return self.registry.snapshot_payload()
-
-    def machines_payload(self):
-        return self.registry.machines_payload()
-
-    def stats(self):
-        return hub_stats(self)
+        return over

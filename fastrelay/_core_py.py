@@ -1,261 +1,145 @@
-"""The hub in pure Python: drain the datagram socket, keep the registry, fan out.
+"""The hub's primitives in plain Python: the twin of the Cython ``fastrelay._core``.
 
-This module and the Cython extension ``fastrelay._core`` have the same API; the
-selector (``fastrelay._backend``) picks one. Both share the registry
-(``fastrelay.registry``) and everything owed to clients (``fastrelay.clients``).
-Everything here runs on the event loop thread, synchronously, which is what
-makes the ordering guarantee cheap: a client's snapshot is taken and the client
-joins the fan-out set in one step, so no event can fall between them.
-
-The fast path (DESIGN §6): per readable event, drain up to ``batch_cap``
-datagrams, frame the whole batch once into one bytes object (server frames are
-unmasked, so the same bytes serve every client), then make one ``write`` per
-client per batch, straight to the transport when nothing is waiting for that
-client, else onto its queue.
+The hub's algorithm lives once, in ``fastrelay.hub``; it calls only what is
+here: take a batch of datagrams into slots, frame (or splice) one slot onto the
+batch's buffer, write the buffer to every client. The compiled module offers
+the same :class:`Batch` with the same behaviour, byte for byte; the tests run
+both over the same inputs.
 """
 
 from __future__ import annotations
 
 import socket
-import time
-from typing import Any
+from collections.abc import Callable, Iterable
 
-import orjson
+from ._hubdefs import frame_text
+from .clients import Client
 
-from ._hubdefs import (
-    BATCH_BUCKETS,
-    REJECT_REASONS,
-    classify_undecodable,
-    frame_text,
-    hub_stats,
-)
-from .clients import Client, Clients
-from .listener import Listener
-from .registry import Registry, nesting_depth
+__all__ = ["SLOTS", "Batch", "frame_text"]
 
-__all__ = ["Client", "Hub", "frame_text"]
+#: Datagrams taken per receive (the compiled twin's recvmmsg vector).
+SLOTS = 32
 
-_loads = orjson.loads
-_dumps = orjson.dumps
-_JSONDecodeError = orjson.JSONDecodeError
-_monotonic = time.monotonic
 _PREV_KEY = b',"previous_state":'
+_WHITESPACE = b" \t\r\n"
 
 
-class Hub:
-    """Datagram intake, machine registry and fan-out; one per RelayServer."""
+class Batch:
+    """Slots for received datagrams and the buffer of frames made from them.
 
-    backend = "python"
+    ``receive`` fills the slots; the hub reads each one (``size``, ``view``,
+    ``raw``, ``brackets``) and appends it to the buffer as a frame (``frame``)
+    or with ``previous_state`` spliced in (``splice``); ``send`` writes the
+    buffer to every client; ``clear`` starts the next batch.
+    """
 
-    def __init__(
-        self,
-        *,
-        max_datagram: int = 64 * 1024,
-        max_client_buffer: int = 4 * 1024 * 1024,
-        max_machines: int = 100_000,
-        max_depth: int = 64,
-        max_snapshots: int = 4,
-        batch_cap: int = 1024,
-        write_delay: float = 0.0,
-    ) -> None:
+    def __init__(self, max_datagram: int) -> None:
         self.max_datagram = max_datagram
-        self.max_depth = max_depth
-        self.batch_cap = batch_cap
-        self.write_delay = write_delay
-        self.registry = Registry(max_machines)
-        self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
-                             snapshot_payload=self.registry.snapshot_payload,
-                             max_snapshots=max_snapshots)
-        self.clients: set[Client] = self.peers.members
-        self.stalled: set[Client] = self.peers.stalled
+        #: Events framed into the buffer since the last clear().
+        self.framed = 0
+        #: Bytes in the buffer.
+        self.nbytes = 0
         self._sock: socket.socket | None = None
-        self._loop: Any = None
-        self._buf = bytearray(max_datagram)
-        self._view = memoryview(self._buf)
-        # Frames accepted but not yet written (see flush()).
-        self._pending: list[bytes] = []
-        self._last_write = 0.0
-        self._flush_handle: Any = None
-        # Plain counters, read by /healthz and /metrics at scrape time.
-        self.accepted = 0
-        self.relayed = 0
-        self.frames_sent = 0
-        self.bytes_sent = 0
-        self.batches = 0
-        self.rejects: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
-        self.batch_histogram = [0] * (len(BATCH_BUCKETS) + 1)
+        self._slots = [bytearray(max_datagram) for _ in range(SLOTS)]
+        self._views = [memoryview(slot) for slot in self._slots]
+        self._sizes = [0] * SLOTS
+        self._parts: list[bytes] = []
 
-    @property
-    def machines(self) -> dict[str, dict[str, Any]]:
-        return self.registry.machines
+    # -- receiving ---------------------------------------------------------------
 
-    @property
-    def evicted(self) -> int:
-        return self.registry.evicted
-
-    @property
-    def closed(self) -> dict[str, int]:
-        return self.peers.closed
-
-    # -- intake ----------------------------------------------------------------
-
-    def attach(self, sock: socket.socket, loop: Any) -> None:
-        """Start draining ``sock`` (a bound, non-blocking AF_UNIX SOCK_DGRAM socket) on ``loop``."""
+    def attach(self, sock: socket.socket | None) -> None:
+        """Receive from ``sock`` (a non-blocking datagram socket) from now on; None stops."""
         self._sock = sock
-        self._loop = loop
-        loop.add_reader(sock.fileno(), self.drain)
 
-    def detach(self) -> None:
-        """Stop reading the datagram socket (the caller closes it)."""
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-        self._sock = None
-        self.flush()
-
-    def drain(self) -> int:
-        """Take one batch from the socket, update the registry, fan it out; returns datagrams read."""
+    def receive(self) -> int:
+        """Fill the slots from the socket; returns how many (0 when it is empty or detached)."""
         sock = self._sock
         if sock is None:
             return 0
         recv_into = sock.recv_into
-        buf, view = self._buf, self._view
         max_datagram = self.max_datagram
-        max_depth = self.max_depth
-        update = self.registry.update
-        rejects = self.rejects
-        frames = self._pending
-        append = frames.append
-        before = len(frames)
-        count = 0
-        while count < self.batch_cap:
+        sizes = self._sizes
+        got = 0
+        for slot in self._slots:
             try:
-                # MSG_TRUNC makes the kernel report the datagram's real size, so an
-                # over-size one is counted instead of silently cut.
-                size = recv_into(buf, max_datagram, socket.MSG_TRUNC)
+                # MSG_TRUNC makes the kernel report the datagram's real size, so
+                # an over-size one is counted instead of silently cut.
+                size = recv_into(slot, max_datagram, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break
-            count += 1
-            if size > max_datagram:
-                rejects["too_large"] += 1
-                continue
-            raw = view[:size].tobytes()
-            try:
-                event = _loads(raw)
-            except _JSONDecodeError:
-                rejects[classify_undecodable(raw)] += 1
-                continue
-            if type(event) is not dict:
-                rejects["not_object"] += 1
-                continue
-            if type(event.get("type")) is not str:
-                rejects["invalid_type"] += 1
-                continue
-            # Counting brackets is a cheap bound on nesting: only a datagram with
-            # that many is walked. orjson parses 1,024 levels but writes 254, so
-            # a deeper one would break every snapshot that contains it.
-            if (raw.count(b"[") + raw.count(b"{") > max_depth
-                    and nesting_depth(event, max_depth) > max_depth):
-                rejects["too_deep"] += 1
-                continue
-            machine_id = event.get("machine_id")
-            previous: Any = None
-            if type(machine_id) is str:
-                previous = update(machine_id, event)
-            if event["type"] == "state_change" and "previous_state" not in event:
-                # Splice into the emitter's own bytes rather than re-serialising.
-                raw = raw.rstrip()[:-1] + _PREV_KEY + _dumps(previous) + b"}"
-            append(frame_text(raw))
-        if len(frames) > before:
-            self.accepted += len(frames) - before
-            self._schedule_write()
-        return count
+            sizes[got] = size if size <= max_datagram else -1
+            got += 1
+        return got
 
-    def _schedule_write(self) -> None:
-        # Coalescing (--write-delay): a write to every client costs one system
-        # call per client whatever it carries, so events arriving within
-        # write_delay of the previous write share the next one; an event after
-        # a quiet spell goes out at once. A full batch never waits.
-        if self._flush_handle is not None and len(self._pending) < self.batch_cap:
-            return
-        wait = self._last_write + self.write_delay - _monotonic()
-        if wait <= 0 or len(self._pending) >= self.batch_cap:
-            self.flush()
-        else:
-            self._flush_handle = self._loop.call_later(wait, self.flush)
+    def size(self, i: int) -> int:
+        """Slot ``i``'s datagram length, or -1 when it did not fit in ``max_datagram``."""
+        return self._sizes[i]
 
-    def flush(self) -> None:
-        """Write every accepted, not yet written event to every client now."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        self._last_write = _monotonic()
-        self._record_batch(len(pending))
-        data = b"".join(pending)
-        if self.peers.collecting:
-            self.peers.record(data)
-        self._fanout(data, len(pending))
-        self.relayed += len(pending) * len(self.clients)
+    def view(self, i: int) -> memoryview:
+        """Slot ``i``'s datagram, valid until the next receive()."""
+        return self._views[i][: self._sizes[i]]
 
-    def _record_batch(self, n: int) -> None:
-        self.batches += 1
-        index = (n - 1).bit_length()
-        hist = self.batch_histogram
-        hist[index if index < len(hist) else -1] += 1
+    def raw(self, i: int) -> bytes:
+        """Slot ``i``'s datagram as bytes."""
+        return self._views[i][: self._sizes[i]].tobytes()
 
-    # -- fan-out -----------------------------------------------------------------
+    def brackets(self, i: int) -> int:
+        """Opening brackets in slot ``i``: an upper bound on how deeply it nests."""
+        data = self._views[i][: self._sizes[i]].tobytes()
+        return data.count(b"[") + data.count(b"{")
 
-    def _fanout(self, data: bytes, nframes: int) -> None:
-        clients = self.clients
-        if not clients:
-            return
-        over = []
-        enqueue = self.peers.enqueue
+    # -- framing -----------------------------------------------------------------
+
+    def frame(self, i: int) -> None:
+        """Append slot ``i`` to the buffer as one text frame."""
+        self._append(frame_text(self.raw(i)))
+
+    def splice(self, i: int, previous: bytes) -> None:
+        """Append slot ``i`` (a JSON object) with ``,"previous_state":<previous>`` added at its end."""
+        raw = self.raw(i).rstrip(_WHITESPACE)
+        self._append(frame_text(raw[:-1] + _PREV_KEY + previous + b"}"))
+
+    def add(self, payload: bytes) -> None:
+        """Append a relay-made message as one text frame."""
+        self._append(frame_text(payload))
+
+    def _append(self, frame: bytes) -> None:
+        self._parts.append(frame)
+        self.nbytes += len(frame)
+        self.framed += 1
+
+    def take(self) -> bytes:
+        """The buffer's bytes (the batch stays in place)."""
+        parts = self._parts
+        if len(parts) > 1:
+            parts[:] = [b"".join(parts)]
+        return parts[0] if parts else b""
+
+    def clear(self) -> None:
+        self._parts = []
+        self.framed = self.nbytes = 0
+
+    # -- fan-out -------------------------------------------------------------------
+
+    def send(self, clients: Iterable[Client], enqueue: Callable[[Client, bytes], bool],
+             shared: bytes | None = None) -> list[Client] | None:
+        """Write the buffer to every client; returns those it would put over their bound.
+
+        A client gets the bytes straight on its transport when nothing waits for
+        it there or in its queue, checked at this moment; otherwise they join
+        its queue through ``enqueue``. ``shared`` is the buffer's bytes when the
+        caller has them already.
+        """
+        data = shared if shared is not None else self.take()
+        over: list[Client] | None = None
         for client in clients:
-            # Checked at the moment of writing: a byte may go to the socket only
-            # when nothing is waiting ahead of it for this client.
             if client.queue or client.buffered():
                 if not enqueue(client, data):
+                    if over is None:
+                        over = []
                     over.append(client)
             else:
                 client.write(data)
-        n = len(clients)
-        self.frames_sent += nframes * n
-        self.bytes_sent += len(data) * n
-        for client in over:
-            self.peers.close_slow(client)
-
-    def broadcast(self, payload: bytes) -> None:
-        """Send one relay-made message (a ping) to every client, framed once."""
-        self.flush()
-        self._fanout(frame_text(payload), 1)
-
-    # -- clients -------------------------------------------------------------------
-
-    def make_listener(self) -> Listener:
-        """A picows listener bound to this hub, for one new connection."""
-        return Listener(self.peers)
-
-    def close_client(self, client: Client, code: int, reason: bytes, why: str) -> None:
-        """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted."""
-        self.peers.close_client(client, code, reason, why)
-
-    def abort_client(self, client: Client, why: str) -> None:
-        """Drop ``client``'s connection at once, discarding what it has not read."""
-        self.peers.abort_client(client, why)
-
-    # -- registry ------------------------------------------------------------------
-
-    def snapshot_payload(self) -> bytes:
-        return self.registry.snapshot_payload()
-
-    def machines_payload(self) -> bytes:
-        return self.registry.machines_payload()
-
-    def stats(self) -> dict[str, Any]:
-        return hub_stats(self)
+        return over

@@ -1,25 +1,65 @@
-"""What both hub implementations share: reason names, framing, and the parts off the hot path."""
+"""What the hub and its readers share: reason names, framing and the stats record."""
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 __all__ = [
     "BATCH_BUCKETS",
-    "CLOSE_REASONS",
     "REJECT_REASONS",
+    "CloseReason",
+    "HubStats",
     "classify_undecodable",
     "frame_text",
-    "hub_stats",
 ]
 
 #: Why a datagram was dropped; /healthz and /metrics count each.
 REJECT_REASONS = ("invalid_utf8", "invalid_json", "not_object", "invalid_type", "too_large",
                   "too_deep")
-#: Why a client went away.
-CLOSE_REASONS = ("normal", "slow", "timeout", "unresponsive", "protocol", "shutdown")
 #: Upper bounds of the batch-size histogram (powers of two; one more bucket is +Inf).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class CloseReason(str, enum.Enum):
+    """Why a client went away; /healthz and /metrics count each under its value."""
+
+    NORMAL = "normal"  # the client closed, or its connection ended by itself
+    SLOW = "slow"  # it fell more than --max-client-buffer behind (1013)
+    TIMEOUT = "timeout"  # a send stayed pending longer than --send-timeout (aborted)
+    UNRESPONSIVE = "unresponsive"  # silent for --pong-misses ping intervals (1011)
+    PROTOCOL = "protocol"  # it broke RFC 6455 (1002, 1007, 1009)
+    SHUTDOWN = "shutdown"  # the relay is stopping (1001)
+
+
+@dataclass(frozen=True)
+class HubStats:
+    """One consistent reading of the hub's counters, for /healthz, /metrics and the heartbeat."""
+
+    backend: str
+    clients: int
+    machines: int
+    #: Datagrams accepted (framed and relayed).
+    accepted: int
+    #: Event deliveries: events times the clients they were written to.
+    relayed: int
+    frames_sent: int
+    bytes_sent: int
+    batches: int
+    evicted: int
+    rejects: Mapping[str, int]
+    closed: Mapping[str, int]
+    batch_histogram: tuple[int, ...]
+    snapshots_built: int
+    refreshes_coalesced: int
+    #: Bytes the relay holds for its clients: their queues plus their transports' buffers.
+    owed_bytes: int
+    #: The most any one client is owed (the bound is ``max_client_buffer``).
+    owed_bytes_max: int
+    max_client_buffer: int
+    #: Clients whose transport holds unsent bytes.
+    stalled: int
 
 
 def frame_text(payload: bytes) -> bytes:
@@ -39,23 +79,3 @@ def classify_undecodable(raw: bytes) -> str:
     except UnicodeDecodeError:
         return "invalid_utf8"
     return "invalid_json"
-
-
-def hub_stats(hub: Any) -> dict[str, Any]:
-    """Plain counters for /healthz, /metrics and the heartbeat line."""
-    peers = hub.peers
-    return {
-        "clients": len(peers),
-        "machines": len(hub.machines),
-        "accepted": hub.accepted,
-        "relayed": hub.relayed,
-        "frames_sent": hub.frames_sent + peers.frames_sent,
-        "bytes_sent": hub.bytes_sent + peers.bytes_sent,
-        "batches": hub.batches,
-        "evicted": hub.evicted,
-        "rejects": dict(hub.rejects),
-        "closed": dict(peers.closed),
-        "batch_histogram": list(hub.batch_histogram),
-        "snapshots_built": peers.snapshots_built,
-        "refreshes_coalesced": peers.refreshes_coalesced,
-    }

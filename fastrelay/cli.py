@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="datagrams drained per loop iteration (default %(default)s)")
     serve.add_argument("--write-delay", type=float, default=defaults.write_delay,
                        help="seconds within which events share one write to the clients; an event "
-                            "after a quiet spell goes out at once; 0 disables (default %(default)s)")
+                            "after a quiet spell goes out at once; 0 writes each drained batch at "
+                            "once (default %(default)s)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")

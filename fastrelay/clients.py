@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from ._hubdefs import CLOSE_REASONS, frame_text
+from ._hubdefs import CloseReason, frame_text
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -139,7 +139,7 @@ class Client:
         self.connected_at = now
         self.last_seen = now
         self.stalled_since: float | None = None
-        self.close_reason: str | None = None
+        self.close_reason: CloseReason | None = None
         self.peer = underlying.get_extra_info("peername")
         self._pumping = False
         # uvloop's transports keep a reference to what they are given; asyncio's
@@ -205,7 +205,7 @@ class Clients:
         self.members: set[Client] = set()
         #: Clients whose transport holds unsent bytes, including those being closed.
         self.stalled: set[Client] = set()
-        self.closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
+        self.closed: dict[CloseReason, int] = dict.fromkeys(CloseReason, 0)
         self.frames_sent = 0
         self.bytes_sent = 0
         self.snapshots_built = 0
@@ -324,7 +324,7 @@ class Clients:
             client.linger.cancel()
             client.linger = None
         if client.close_reason is None:  # the relay's own closes were counted when decided
-            self.closed["normal"] += 1
+            self.closed[CloseReason.NORMAL] += 1
 
     # -- what clients send ------------------------------------------------------------
 
@@ -355,11 +355,11 @@ class Clients:
 
     def on_client_close(self, client: Client, code: int) -> None:
         """The client started the closing handshake: finish it with ``code``."""
-        self.close_client(client, code, b"", "normal")
+        self.close_client(client, code, b"", CloseReason.NORMAL)
 
     def fail_client(self, client: Client, code: int, reason: bytes) -> None:
         """The client broke the protocol: close with ``code`` (1002, 1007, 1009)."""
-        self.close_client(client, code, reason, "protocol")
+        self.close_client(client, code, reason, CloseReason.PROTOCOL)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -424,9 +424,9 @@ class Clients:
     def close_slow(self, client: Client) -> None:
         # The close frame follows what the transport holds, so the client
         # learns why (1013) once it reads; the send timeout aborts it if it never does.
-        self.close_client(client, TRY_AGAIN_LATER, b"client too slow", "slow")
+        self.close_client(client, TRY_AGAIN_LATER, b"client too slow", CloseReason.SLOW)
 
-    def close_client(self, client: Client, code: int, reason: bytes, why: str) -> None:
+    def close_client(self, client: Client, code: int, reason: bytes, why: CloseReason) -> None:
         """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted.
 
         What was queued but not yet handed to the transport is dropped.
@@ -465,7 +465,7 @@ class Clients:
             client.linger = asyncio.get_running_loop().call_later(
                 CLOSE_LINGER, client.transport.disconnect, False)
 
-    def abort_client(self, client: Client, why: str) -> None:
+    def abort_client(self, client: Client, why: CloseReason) -> None:
         """Drop ``client``'s connection at once, discarding what it has not read."""
         if client.close_reason is None:
             client.close_reason = why
@@ -474,9 +474,17 @@ class Clients:
         _drop_queue(client)
         client.transport.disconnect(False)
 
-    def close_all(self, code: int, reason: bytes, why: str) -> None:
+    async def close_everyone(self, code: int, reason: bytes, why: CloseReason,
+                             grace: float) -> None:
+        """Close every member with ``code``; abort whoever has not read it within ``grace`` s."""
         for client in list(self.members):
             self.close_client(client, code, reason, why)
+        deadline = _monotonic() + grace
+        while self.stalled and _monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for client in list(self.stalled):
+            self.abort_client(client, why)
+        await asyncio.sleep(0)  # let aborted transports report connection_lost
 
 
 def _drop_queue(client: Client) -> None:

@@ -111,10 +111,11 @@ class ServeConfig:
     max_snapshots: int = 4
     #: Datagrams taken from the socket per readable event before yielding to the loop.
     batch_cap: int = 1024
-    #: Events arriving within this many seconds of the previous write to the
-    #: clients wait for the next write (one write per client carries them all);
-    #: an event after a quiet spell goes out at once. 0 writes every batch at once.
-    write_delay: float = 0.002
+    #: 0 (natural batching): each drained batch is written at once, and what
+    #: arrived meanwhile makes the next batch. Above 0, events arriving within
+    #: this many seconds of the previous write wait for the next one (fewer
+    #: writes per event under load, at the cost of that much latency).
+    write_delay: float = 0.0
     #: Bytes of large HTTP responses (GET /api/machines) held for clients that
     #: have not read them yet; past it such requests get 503.
     max_http_buffer: int = 64 * 1024 * 1024

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .watchdog import LoopMonitor
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ["Heartbeat"]
 
@@ -17,7 +20,7 @@ log = logging.getLogger("fastrelay")
 class Heartbeat:
     """Logs clients, machines, events/s, rejects and the worst loop lag every ``interval`` s."""
 
-    def __init__(self, hub: Any, monitor: LoopMonitor, interval: float) -> None:
+    def __init__(self, hub: Hub, monitor: LoopMonitor, interval: float) -> None:
         self.hub = hub
         self.monitor = monitor
         self.interval = interval
@@ -28,7 +31,7 @@ class Heartbeat:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._last_accepted = self.hub.accepted
+        self._last_accepted = self.hub.stats().accepted
         self._last_time = time.monotonic()
         self._handle = loop.call_later(self.interval, self._tick)
 
@@ -38,14 +41,14 @@ class Heartbeat:
         self._loop = self._handle = None
 
     def line(self) -> str:
-        hub = self.hub
+        stats = self.hub.stats()
         now = time.monotonic()
-        accepted = hub.accepted
-        rate = (accepted - self._last_accepted) / max(now - self._last_time, 1e-9)
-        self._last_accepted, self._last_time = accepted, now
+        rate = (stats.accepted - self._last_accepted) / max(now - self._last_time, 1e-9)
+        self._last_accepted, self._last_time = stats.accepted, now
         return (
-            f"heartbeat clients={len(hub.clients)} machines={len(hub.machines)} "
-            f"events_per_s={rate:.1f} accepted={accepted} rejects={sum(hub.rejects.values())} "
+            f"heartbeat clients={stats.clients} machines={stats.machines} "
+            f"events_per_s={rate:.1f} accepted={stats.accepted} "
+            f"rejects={sum(stats.rejects.values())} "
             f"loop_lag_ms={self.monitor.take_max_lag() * 1000:.1f}"
         )
 

@@ -10,9 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
+
+from ._hubdefs import CloseReason
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ["Keepalive"]
 
@@ -27,7 +32,7 @@ class Keepalive:
 
     def __init__(
         self,
-        hub: Any,
+        hub: Hub,
         *,
         ping_interval: float,
         pong_misses: int,
@@ -77,7 +82,7 @@ class Keepalive:
         for client in silent:
             log.info("closing unresponsive client %s (silent for %.1f s)", client.peer,
                      time.monotonic() - client.last_seen)
-            hub.close_client(client, _INTERNAL_ERROR, b"ping timeout", "unresponsive")
+            hub.close_client(client, _INTERNAL_ERROR, b"ping timeout", CloseReason.UNRESPONSIVE)
 
     def _stall_tick(self) -> None:
         try:
@@ -95,4 +100,4 @@ class Keepalive:
         for client in late:
             log.info("aborting client %s: send pending for over %.1f s (%d bytes queued)",
                      client.peer, self.send_timeout, client.buffered())
-            hub.abort_client(client, "timeout")
+            hub.abort_client(client, CloseReason.TIMEOUT)

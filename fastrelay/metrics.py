@@ -7,7 +7,7 @@ the hub's integers into metric families only when /metrics is requested.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -17,8 +17,11 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ._hubdefs import BATCH_BUCKETS
+from ._hubdefs import BATCH_BUCKETS, HubStats
 from .watchdog import LoopMonitor
+
+if TYPE_CHECKING:
+    from .hub import Hub
 
 __all__ = ["CONTENT_TYPE", "MetricsExporter"]
 
@@ -26,47 +29,49 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _HubCollector:
-    def __init__(self, hub: Any, monitor: LoopMonitor) -> None:
+    def __init__(self, hub: Hub, monitor: LoopMonitor) -> None:
         self.hub = hub
         self.monitor = monitor
 
     def collect(self) -> Iterator[Metric]:
-        hub = self.hub
-        stats = hub.stats()
+        stats = self.hub.stats()
         yield CounterMetricFamily(
-            "fastrelay_events_accepted", "Datagrams accepted and relayed.", value=hub.accepted)
+            "fastrelay_events_accepted", "Datagrams accepted and relayed.", value=stats.accepted)
         yield CounterMetricFamily(
-            "fastrelay_events_relayed", "Event deliveries (events x clients).", value=hub.relayed)
+            "fastrelay_events_relayed", "Event deliveries (events x clients).", value=stats.relayed)
         rejected = CounterMetricFamily(
             "fastrelay_events_rejected", "Datagrams dropped, by reason.", labels=["reason"])
-        for reason, n in hub.rejects.items():
+        for reason, n in stats.rejects.items():
             rejected.add_metric([reason], n)
         yield rejected
         yield GaugeMetricFamily(
             "fastrelay_clients_connected", "WebSocket clients receiving events.",
-            value=len(hub.clients))
+            value=stats.clients)
         closed = CounterMetricFamily(
             "fastrelay_clients_closed", "Clients gone, by reason.", labels=["reason"])
-        for reason, n in hub.closed.items():
+        for reason, n in stats.closed.items():
             closed.add_metric([reason], n)
         yield closed
         yield GaugeMetricFamily(
-            "fastrelay_machines", "Machines in the registry.", value=len(hub.machines))
+            "fastrelay_client_bytes_owed", "Bytes queued for clients, in the relay and its transports.",
+            value=stats.owed_bytes)
+        yield GaugeMetricFamily(
+            "fastrelay_machines", "Machines in the registry.", value=stats.machines)
         yield CounterMetricFamily(
             "fastrelay_machines_evicted", "Machines forgotten because the registry was full.",
-            value=hub.evicted)
+            value=stats.evicted)
         yield CounterMetricFamily(
-            "fastrelay_frames_sent", "WebSocket frames written to clients.", value=stats["frames_sent"])
+            "fastrelay_frames_sent", "WebSocket frames written to clients.", value=stats.frames_sent)
         yield CounterMetricFamily(
-            "fastrelay_bytes_sent", "Bytes written to clients.", value=stats["bytes_sent"])
-        yield _batch_histogram(hub)
+            "fastrelay_bytes_sent", "Bytes written to clients.", value=stats.bytes_sent)
+        yield _batch_histogram(stats)
         yield GaugeMetricFamily(
             "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",
             value=self.monitor.last_lag)
 
 
-def _batch_histogram(hub: Any) -> HistogramMetricFamily:
-    counts = list(hub.batch_histogram)
+def _batch_histogram(stats: HubStats) -> HistogramMetricFamily:
+    counts = stats.batch_histogram
     buckets = []
     running = 0
     for bound, n in zip(BATCH_BUCKETS, counts, strict=False):
@@ -75,14 +80,14 @@ def _batch_histogram(hub: Any) -> HistogramMetricFamily:
     buckets.append(("+Inf", running + counts[-1]))
     return HistogramMetricFamily(
         "fastrelay_batch_size", "Datagrams per drained batch.",
-        buckets=buckets, sum_value=hub.accepted,
+        buckets=buckets, sum_value=stats.accepted,
     )
 
 
 class MetricsExporter:
     """Renders /metrics for one hub."""
 
-    def __init__(self, hub: Any, monitor: LoopMonitor) -> None:
+    def __init__(self, hub: Hub, monitor: LoopMonitor) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_HubCollector(hub, monitor))
 

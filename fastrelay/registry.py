@@ -55,7 +55,7 @@ class Registry:
     def __len__(self) -> int:
         return len(self.machines)
 
-    def update(self, machine_id: str, event: dict[str, Any]) -> Any:
+    def update(self, machine_id: str, event: dict[str, Any]) -> str | None:
         """Apply ``event`` to its machine's entry; returns the state the machine had before."""
         machines = self.machines
         entry = machines.get(machine_id)
@@ -72,7 +72,7 @@ class Registry:
             }
         else:
             machines.move_to_end(machine_id)
-        previous = entry["current_state"]
+        previous: str | None = entry["current_state"]
         ts = event.get("timestamp")
         entry["last_activity"] = ts if type(ts) is float or type(ts) is int else _time()
         state = event.get("state")

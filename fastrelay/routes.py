@@ -1,21 +1,41 @@
-"""The relay's small HTTP surface: /healthz, /api/machines, /metrics and the dashboard."""
+"""The relay's HTTP surface, routed in one place: the WebSocket endpoint, /healthz,
+/api/machines, /metrics and the dashboard.
+
+Every request on the port arrives at :meth:`Routes.route` (picows's upgrade
+callback); it applies the Host/Origin policy, hands the WebSocket path to the
+hub and answers everything else itself.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 import orjson
+from picows import WSListener, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from ._version import __version__
+from .access import AccessPolicy, split_target
+from .config import ServeConfig
+from .logs import LogLimiter
+from .watchdog import LoopMonitor
 
 if TYPE_CHECKING:
-    from .server import RelayServer
+    from .hub import Hub
+    from .metrics import MetricsExporter
 
 __all__ = ["Response", "Routes"]
+
+log = logging.getLogger("fastrelay")
+#: What picows's upgrade callback may return: a listener for a WebSocket, an
+#: HTTP answer, or None for 404.
+Answer = WSListener | WSUpgradeResponseWithListener | None
 
 _JSON = "application/json"
 _STATIC_TYPES = {
@@ -49,27 +69,55 @@ class Response:
 
 
 class Routes:
-    """Answers the plain-HTTP GETs that arrive on the WebSocket port."""
+    """Answers every request on the relay's port."""
 
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
+    def __init__(self, hub: Hub, config: ServeConfig, monitor: LoopMonitor,
+                 uptime: Callable[[], float]) -> None:
+        self.hub = hub
+        self.config = config
+        self.monitor = monitor
+        self.uptime = uptime
+        self.access = AccessPolicy.from_config(config)
+        self._metrics: MetricsExporter | None = None
         self._static: dict[str, Response] = {}
         #: Bytes of large responses not yet read by their clients (each held
         #: twice: the body and picows's copy of it with the headers).
         self.held = 0
-        self.max_held = server.config.max_http_buffer
+        self.max_held = config.max_http_buffer
         self.refused_busy = 0
+
+    def route(self, request: WSUpgradeRequest) -> Answer:
+        """picows's upgrade callback: a listener for the WebSocket path, else an HTTP answer."""
+        # picows answers an exception from here with 500 and str(exc) as the
+        # body (an install path, a codec complaint): answer a fixed text
+        # instead, and keep the details for the log.
+        try:
+            path, query = split_target(request.path)
+            refusal = self.access.check(path, query, request.headers)
+            if refusal is not None:
+                return _error(refusal.status, refusal.body, refusal.headers)
+            if path == self.config.ws_path:
+                return self.hub.make_listener()
+            response = self.get(path)
+            if response is None:
+                return None  # picows answers 404
+            if response.status != 200:
+                return _error(response.status, bytes(response.body))
+            return _ok(response.content_type, response.body)
+        except Exception as exc:
+            _log_internal_error(exc)
+            return _error(500, b"internal error\n")
 
     def get(self, path: str) -> Response | None:
         """The response for ``path``, or None for 404."""
         if path == "/healthz":
             return Response(200, _JSON, orjson.dumps(self.health()))
         if path == "/api/machines":
-            return self._held(Response(200, _JSON, self.server.hub.machines_payload()))
+            return self._held(Response(200, _JSON, self.hub.machines_payload()))
         if path == "/metrics":
             from .metrics import CONTENT_TYPE
 
-            return Response(200, CONTENT_TYPE, self.server.metrics.render())
+            return Response(200, CONTENT_TYPE, self.metrics().render())
         if path in ("/", "/index.html"):
             return self.static("index.html")
         if path.startswith("/static/"):
@@ -97,21 +145,30 @@ class Routes:
     def _release(self, size: int) -> None:
         self.held -= size
 
-    def health(self) -> dict[str, Any]:
-        server = self.server
-        hub = server.hub
+    def metrics(self) -> MetricsExporter:
+        if self._metrics is None:  # prometheus_client is loaded on the first scrape
+            from .metrics import MetricsExporter
+
+            self._metrics = MetricsExporter(self.hub, self.monitor)
+        return self._metrics
+
+    def health(self) -> dict[str, object]:
+        stats = self.hub.stats()
         return {
             "status": "ok",
-            "backend": hub.backend,
+            "backend": stats.backend,
             "version": __version__,
-            "clients": len(hub.clients),
-            "machines": len(hub.machines),
-            "events": {"accepted": hub.accepted, "relayed": hub.relayed},
-            "rejects": dict(hub.rejects),
-            "closed": dict(hub.closed),
-            "loop_lag_ms": round(server.monitor.last_lag * 1000, 3),
-            "uptime_s": round(server.uptime, 3),
-            "ws_path": server.config.ws_path,
+            "clients": stats.clients,
+            "machines": stats.machines,
+            "events": {"accepted": stats.accepted, "relayed": stats.relayed},
+            "rejects": dict(stats.rejects),
+            "closed": dict(stats.closed),
+            "owed_bytes": stats.owed_bytes,
+            "owed_bytes_max": stats.owed_bytes_max,
+            "max_client_buffer": stats.max_client_buffer,
+            "loop_lag_ms": round(self.monitor.last_lag * 1000, 3),
+            "uptime_s": round(self.uptime(), 3),
+            "ws_path": self.config.ws_path,
         }
 
     def static(self, name: str) -> Response | None:
@@ -128,3 +185,29 @@ class Routes:
         response = Response(200, _STATIC_TYPES[suffix], body)
         self._static[name] = response
         return response
+
+
+#: One log line per kind of routing failure per minute: a client that found a
+#: way to make one cannot fill the disk by repeating it.
+_INTERNAL_ERRORS = LogLimiter(interval=60.0, max_keys=16)
+
+
+def _log_internal_error(exc: Exception) -> None:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    key = f"{type(exc).__name__}@{where.filename}:{where.lineno}" if where else type(exc).__name__
+    if _INTERNAL_ERRORS.allow(key):
+        log.error("answered 500 to an HTTP request: %s", type(exc).__name__, exc_info=exc)
+
+
+def _ok(content_type: str, body: bytes | bytearray) -> WSUpgradeResponseWithListener:
+    # picows types the body as bytes; it only concatenates it, so a bytearray works.
+    response = WSUpgradeResponse.create_ok_response(
+        cast(bytes, body), {"Content-Type": content_type, "Cache-Control": "no-store"})
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def _error(status: int, body: bytes,
+           headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:
+    extra = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
+    return WSUpgradeResponseWithListener(
+        WSUpgradeResponse.create_error_response(status, body, extra), None)

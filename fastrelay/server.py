@@ -4,38 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
-import traceback
 from dataclasses import replace
-from typing import Any, cast
 
-from picows import (
-    WSCloseCode,
-    WSUpgradeRequest,
-    WSUpgradeResponse,
-    WSUpgradeResponseWithListener,
-    ws_create_server,
-)
+from picows import ws_create_server
 
-from ._backend import load_hub
-from .access import AccessPolicy, split_target
+from ._backend import Hub, load_hub
 from .config import ServeConfig
 from .datagram import bind_datagram_socket, max_dgram_qlen, socket_inode, unlink_socket
 from .heartbeat import Heartbeat
 from .keepalive import Keepalive
-from .logs import LogLimiter, ensure_log_dir
+from .logs import ensure_log_dir
 from .routes import Routes
 from .watchdog import LoopMonitor, Watchdog
 
-__all__ = ["TEST_HOOKS", "RelayServer"]
+__all__ = ["RelayServer"]
 
 log = logging.getLogger("fastrelay")
-
-#: Enables /_test/* routes (a handler that blocks the loop, for the watchdog
-#: test). Read once; never set it in production.
-TEST_HOOKS = os.environ.get("FASTRELAY_TEST_HOOKS") == "1"
 #: Below this, tell the operator the kernel will make emitters queue (DESIGN §4).
 _LOW_QLEN = 64
 #: Initial per-connection read buffer: clients send only pongs and refreshes,
@@ -49,11 +35,11 @@ class RelayServer:
     Keyword arguments override fields of ``config`` (see :class:`ServeConfig`).
     """
 
-    def __init__(self, config: ServeConfig | None = None, **overrides: Any) -> None:
-        config = replace(config or ServeConfig(), **overrides)
+    def __init__(self, config: ServeConfig | None = None, **overrides: object) -> None:
+        config = replace(config or ServeConfig(), **overrides)  # type: ignore[arg-type]
         config.validate()
         self.config = config
-        self.hub: Any = load_hub(config.backend).Hub(
+        self.hub: Hub = load_hub(config.backend)(
             max_datagram=config.max_datagram,
             max_client_buffer=config.max_client_buffer,
             max_machines=config.max_machines,
@@ -71,12 +57,10 @@ class RelayServer:
             send_timeout=config.send_timeout,
         )
         self.heartbeat = Heartbeat(self.hub, self.monitor, config.heartbeat_interval)
-        self.access = AccessPolicy.from_config(config)
-        self.routes = Routes(self)
-        self._metrics: Any = None
+        self.routes = Routes(self.hub, config, self.monitor, lambda: self.uptime)
         self._watchdog: Watchdog | None = None
         self._ws_server: asyncio.Server | None = None
-        self._sock: Any = None
+        self._sock: socket.socket | None = None
         self._sock_inode = 0
         self._started_at = time.monotonic()
 
@@ -97,7 +81,7 @@ class RelayServer:
         self._sock_inode = socket_inode(config.socket_path)
         try:
             self._ws_server = await ws_create_server(
-                self._route,
+                self.routes.route,
                 config.host,
                 config.port,
                 websocket_handshake_timeout=min(config.send_timeout * 2.5, 5.0),
@@ -146,15 +130,9 @@ class RelayServer:
         if self._ws_server is None:
             return
         self._ws_server.close()
-        self.hub.detach()
+        shutdown = self.hub.shutdown(grace)
         self._close_socket()
-        self.hub.peers.close_all(WSCloseCode.GOING_AWAY, b"relay shutting down", "shutdown")
-        deadline = time.monotonic() + grace
-        while self.hub.stalled and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        for client in list(self.hub.stalled):
-            self.hub.abort_client(client, "shutdown")
-        await asyncio.sleep(0)  # let aborted transports report connection_lost
+        await shutdown
         self.keepalive.stop()
         self.heartbeat.stop()
         self.monitor.stop()
@@ -195,43 +173,8 @@ class RelayServer:
         return time.monotonic() - self._started_at
 
     @property
-    def metrics(self) -> Any:
-        if self._metrics is None:  # prometheus_client is loaded on the first scrape
-            from .metrics import MetricsExporter
-
-            self._metrics = MetricsExporter(self.hub, self.monitor)
-        return self._metrics
-
-    @property
     def hangs(self) -> int:
         return self._watchdog.hangs if self._watchdog is not None else 0
-
-    # -- routing -------------------------------------------------------------------
-
-    def _route(self, request: WSUpgradeRequest) -> Any:
-        # picows answers an exception from here with 500 and str(exc) as the
-        # body (an install path, a codec complaint): answer a fixed text
-        # instead, and keep the details for the log.
-        try:
-            path, query = split_target(request.path)
-            refusal = self.access.check(path, query, request.headers)
-            if refusal is not None:
-                return _error(refusal.status, refusal.body, refusal.headers)
-            if path == self.config.ws_path:
-                return self.hub.make_listener()
-            if TEST_HOOKS and path == "/_test/block":
-                seconds = float(query.get("seconds", ["1"])[0])
-                time.sleep(seconds)  # deliberately blocks the loop
-                return _ok("text/plain", b"blocked\n")
-            response = self.routes.get(path)
-            if response is None:
-                return None  # picows answers 404
-            if response.status != 200:
-                return _error(response.status, bytes(response.body))
-            return _ok(response.content_type, response.body)
-        except Exception as exc:
-            _log_internal_error(exc)
-            return _error(500, b"internal error\n")
 
 
 def _user_timeout(send_timeout: float) -> float:
@@ -252,29 +195,3 @@ def _set_user_timeout(server: asyncio.Server, seconds: float) -> None:
     for sock in server.sockets:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, option, max(int(seconds * 1000), 1))
-
-
-#: One log line per kind of routing failure per minute: a client that found a
-#: way to make one cannot fill the disk by repeating it.
-_INTERNAL_ERRORS = LogLimiter(interval=60.0, max_keys=16)
-
-
-def _log_internal_error(exc: Exception) -> None:
-    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    key = f"{type(exc).__name__}@{where.filename}:{where.lineno}" if where else type(exc).__name__
-    if _INTERNAL_ERRORS.allow(key):
-        log.error("answered 500 to an HTTP request: %s", type(exc).__name__, exc_info=exc)
-
-
-def _ok(content_type: str, body: bytes | bytearray) -> WSUpgradeResponseWithListener:
-    # picows types the body as bytes; it only concatenates it, so a bytearray works.
-    response = WSUpgradeResponse.create_ok_response(
-        cast(bytes, body), {"Content-Type": content_type, "Cache-Control": "no-store"})
-    return WSUpgradeResponseWithListener(response, None)
-
-
-def _error(status: int, body: bytes,
-           headers: dict[str, str] | None = None) -> WSUpgradeResponseWithListener:
-    extra = {"Content-Type": "text/plain; charset=utf-8", **(headers or {})}
-    return WSUpgradeResponseWithListener(
-        WSUpgradeResponse.create_error_response(status, body, extra), None)

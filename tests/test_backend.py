@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -35,15 +36,28 @@ def _public(obj: object) -> set[str]:
 
 @pytest.mark.skipif(bool(os.environ.get("FASTRELAY_NO_EXTENSIONS")), reason="pure build")
 def test_both_hubs_have_the_same_api():
-    py = _backend.load_hub("python")
-    cy = _backend.load_hub("cython")
-    assert set(py.__all__) == set(cy.__all__)
-    py_hub, cy_hub = py.Hub(), cy.Hub()
+    from fastrelay import _core, _core_py
+
+    py_hub, cy_hub = _backend.load_hub("python")(), _backend.load_hub("cython")()
+    assert (py_hub.backend, cy_hub.backend) == ("python", "cython")
     assert _public(py_hub) == _public(cy_hub)
-    assert py_hub.stats().keys() == cy_hub.stats().keys()
-    assert py.frame_text(b"x" * 200) == cy.frame_text(b"x" * 200)
+    assert py_hub.stats() == dataclasses.replace(cy_hub.stats(), backend="python")
+    # The primitives: one API, and the same bytes out of both.
+    assert set(_core.__all__) == set(_core_py.__all__)
+    assert _public(_core.Batch(1024)) == _public(_core_py.Batch(1024))
     for size in (0, 125, 126, 65535, 65536, 70000):
-        assert py.frame_text(b"a" * size) == cy.frame_text(b"a" * size), size
+        assert _core.frame_text(b"a" * size) == _core_py.frame_text(b"a" * size), size
+
+
+def test_compiled_hub_is_the_compiled_copy_of_hub_py():
+    """_hub_c must be an extension module built from fastrelay/hub.py, not the link imported as Python."""
+    if _backend.EXTENSION_ERROR:
+        pytest.skip(_backend.EXTENSION_ERROR)
+    from fastrelay import _hub_c, hub
+
+    assert not _hub_c.__file__.endswith(".py")
+    assert _hub_c.NATIVE and not hub.NATIVE
+    assert _public(hub.Hub) <= _public(_hub_c.Hub)  # the compiled class adds attribute descriptors
 
 
 def test_unknown_backend_is_refused():

@@ -1,0 +1,292 @@
+"""The hub: datagram intake, the machine registry and fan-out, written once.
+
+This module is the pure backend as it stands, and Cython compiles the same
+file for the accelerated one (``fastrelay/_hub_c.py`` is a link to it, typed by
+``fastrelay/_hub_c.pxd``, the way aiohttp builds ``reader_c`` from
+``reader_py``). Its few primitives (take a batch of datagrams into slots,
+frame or splice one onto the batch buffer, write the buffer to the clients)
+come from ``fastrelay._core`` in the compiled copy and from its plain-Python
+twin ``fastrelay._core_py`` here, so per-delivery work stays in C.
+
+Everything runs on the event loop thread, synchronously, which is what makes
+the ordering guarantee cheap: a client's snapshot is taken and the client
+joins the fan-out set in one step, so no event can fall between them.
+
+The fast path (DESIGN §6): per readable event, drain the socket until it is
+empty or ``batch_cap`` datagrams were read, frame the batch once into one
+buffer (server frames are unmasked, so the same bytes serve every client) and
+write it at once with one ``send()`` per client. That is natural batching:
+what arrived while the previous batch was being written makes the next one,
+and a lone event waits for nothing. ``write_delay`` > 0 adds a window instead,
+for relays that would rather spend less CPU than add no latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ._hubdefs import BATCH_BUCKETS, REJECT_REASONS, CloseReason, HubStats, classify_undecodable
+from .clients import Client, Clients
+from .listener import Listener
+from .registry import Registry, nesting_depth
+
+#: True in the compiled copy, which takes its primitives from the extension.
+NATIVE = __name__.endswith("._hub_c")
+
+if TYPE_CHECKING or not NATIVE:
+    from ._core_py import Batch
+else:
+    from ._core import Batch
+
+__all__ = ["NATIVE", "Client", "Hub"]
+
+_loads = orjson.loads
+_dumps = orjson.dumps
+_JSONDecodeError = orjson.JSONDecodeError
+_monotonic = time.monotonic
+#: RFC 6455 §7.4.1: the endpoint is going away.
+_GOING_AWAY = 1001
+
+
+class Hub:
+    """Datagram intake, machine registry and fan-out; one per RelayServer."""
+
+    def __init__(
+        self,
+        *,
+        max_datagram: int = 64 * 1024,
+        max_client_buffer: int = 4 * 1024 * 1024,
+        max_machines: int = 100_000,
+        max_depth: int = 64,
+        max_snapshots: int = 4,
+        batch_cap: int = 1024,
+        write_delay: float = 0.0,
+    ) -> None:
+        self.backend = "cython" if NATIVE else "python"
+        self.max_datagram = max_datagram
+        self.max_depth = max_depth
+        self.batch_cap = batch_cap
+        self.write_delay = write_delay
+        self.registry = Registry(max_machines)
+        self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
+                             snapshot_payload=self.registry.snapshot_payload,
+                             max_snapshots=max_snapshots)
+        #: Clients that get every batch; and those whose transport holds unsent bytes.
+        self.clients: set[Client] = self.peers.members
+        self.stalled: set[Client] = self.peers.stalled
+        self._batch = Batch(max_datagram)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_write = 0.0
+        # Plain counters, read through stats() at scrape time.
+        self.accepted = 0
+        self.relayed = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.batches = 0
+        self.rejects: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.batch_histogram: list[int] = [0] * (len(BATCH_BUCKETS) + 1)
+
+    # -- intake ----------------------------------------------------------------
+
+    def attach(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """Start draining ``sock`` (a bound, non-blocking AF_UNIX SOCK_DGRAM socket) on ``loop``."""
+        self._loop = loop
+        self._fd = sock.fileno()
+        self._batch.attach(sock)
+        loop.add_reader(self._fd, self.drain)
+
+    def detach(self) -> None:
+        """Stop reading the datagram socket and write what was accepted (the caller closes it)."""
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._fd = -1
+        self._batch.attach(None)
+        self.flush()
+
+    def drain(self) -> int:
+        """Take what the socket holds (up to ``batch_cap``), update the registry, fan it out.
+
+        Returns the number of datagrams read, accepted or not.
+        """
+        batch = self._batch
+        before = batch.framed
+        count = 0
+        while count < self.batch_cap:
+            got = batch.receive()
+            if got <= 0:
+                break
+            count += got
+            for i in range(got):
+                self._take(batch, i)
+            # No early exit on a short read: the kernel queue holds only
+            # max_dgram_qlen datagrams, so emitters refill it while we parse,
+            # and reading on until it is empty is what makes batches large.
+        framed = batch.framed - before
+        if framed:
+            self.accepted += framed
+            self._schedule_write()
+        return count
+
+    def _take(self, batch: Batch, i: int) -> None:
+        """Validate one datagram, update the registry, and frame it onto the batch."""
+        rejects = self.rejects
+        if batch.size(i) < 0:
+            rejects["too_large"] += 1
+            return
+        try:
+            event = _loads(batch.view(i))
+        except _JSONDecodeError:
+            rejects[classify_undecodable(batch.raw(i))] += 1
+            return
+        if type(event) is not dict:
+            rejects["not_object"] += 1
+            return
+        kind = event.get("type")
+        if type(kind) is not str:
+            rejects["invalid_type"] += 1
+            return
+        # Counting brackets is a cheap bound on nesting: only a datagram with
+        # that many is walked. orjson parses 1,024 levels but writes 254, so a
+        # deeper one would break every snapshot that contains it.
+        max_depth = self.max_depth
+        if batch.brackets(i) > max_depth and nesting_depth(event, max_depth) > max_depth:
+            rejects["too_deep"] += 1
+            return
+        machine_id = event.get("machine_id")
+        previous = None
+        if type(machine_id) is str:
+            previous = self.registry.update(machine_id, event)
+        if kind == "state_change" and "previous_state" not in event:
+            # Splice into the emitter's own bytes rather than re-serialising.
+            batch.splice(i, _dumps(previous))
+        else:
+            batch.frame(i)
+
+    def _schedule_write(self) -> None:
+        if self.write_delay <= 0 or self._batch.framed >= self.batch_cap:
+            self.flush()
+            return
+        # --write-delay: events within write_delay of the previous write share
+        # the next one; an event after a quiet spell goes out at once.
+        if self._flush_handle is not None:
+            return
+        wait = self._last_write + self.write_delay - _monotonic()
+        if wait <= 0 or self._loop is None:
+            self.flush()
+        else:
+            self._flush_handle = self._loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        """Write every accepted, not yet written event to every client now."""
+        handle = self._flush_handle
+        if handle is not None:
+            handle.cancel()
+            self._flush_handle = None
+        batch = self._batch
+        framed = batch.framed
+        if not framed:
+            return
+        self._last_write = _monotonic()
+        self._record_batch(framed)
+        shared = None
+        if self.peers.collecting:
+            shared = batch.take()
+            self.peers.record(shared)
+        self.relayed += framed * len(self.clients)
+        self._send(shared)
+
+    def _record_batch(self, n: int) -> None:
+        self.batches += 1
+        hist = self.batch_histogram
+        index = (n - 1).bit_length()
+        hist[index if index < len(hist) else len(hist) - 1] += 1
+
+    # -- fan-out -----------------------------------------------------------------
+
+    def _send(self, shared: bytes | None) -> None:
+        """Write the batch to every client, then start the next one."""
+        batch = self._batch
+        clients = self.clients
+        n = len(clients)
+        over = batch.send(clients, self.peers.enqueue, shared) if n else None
+        self.frames_sent += batch.framed * n
+        self.bytes_sent += batch.nbytes * n
+        batch.clear()
+        if over is not None:
+            for client in over:
+                self.peers.close_slow(client)
+
+    def broadcast(self, payload: bytes) -> None:
+        """Send one relay-made message (a ping) to every client, framed once."""
+        self.flush()
+        self._batch.add(payload)
+        self._send(None)
+
+    # -- clients -------------------------------------------------------------------
+
+    def make_listener(self) -> Listener:
+        """A picows listener bound to this hub, for one new connection."""
+        return Listener(self.peers)
+
+    def close_client(self, client: Client, code: int, reason: bytes, why: CloseReason) -> None:
+        """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted."""
+        self.peers.close_client(client, code, reason, why)
+
+    def abort_client(self, client: Client, why: CloseReason) -> None:
+        """Drop ``client``'s connection at once, discarding what it has not read."""
+        self.peers.abort_client(client, why)
+
+    def shutdown(self, grace: float) -> Awaitable[None]:
+        """Stop reading, close every client with 1001, and abort those still unread after
+        ``grace`` seconds; await the result."""
+        self.detach()
+        return self.peers.close_everyone(_GOING_AWAY, b"relay shutting down",
+                                         CloseReason.SHUTDOWN, grace)
+
+    # -- reading -------------------------------------------------------------------
+
+    def snapshot_payload(self) -> bytes:
+        """The ``initial`` message for the registry as it is now."""
+        return self.registry.snapshot_payload()
+
+    def machines_payload(self) -> bytes:
+        """The registry as a JSON array (GET /api/machines)."""
+        return self.registry.machines_payload()
+
+    def stats(self) -> HubStats:
+        """The hub's counters now."""
+        peers = self.peers
+        owed_total = owed_max = 0
+        for client in self.clients | self.stalled:
+            owed = client.owed
+            owed_total += owed
+            if owed > owed_max:
+                owed_max = owed
+        return HubStats(
+            backend=self.backend,
+            clients=len(self.clients),
+            machines=len(self.registry),
+            accepted=self.accepted,
+            relayed=self.relayed,
+            frames_sent=self.frames_sent + peers.frames_sent,
+            bytes_sent=self.bytes_sent + peers.bytes_sent,
+            batches=self.batches,
+            evicted=self.registry.evicted,
+            rejects=dict(self.rejects),
+            closed={reason.value: n for reason, n in peers.closed.items()},
+            batch_histogram=tuple(self.batch_histogram),
+            snapshots_built=peers.snapshots_built,
+            refreshes_coalesced=peers.refreshes_coalesced,
+            owed_bytes=owed_total,
+            owed_bytes_max=owed_max,
+            max_client_buffer=peers.max_client_buffer,
+            stalled=len(self.stalled),
+        )
