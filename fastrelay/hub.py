@@ -200,8 +200,10 @@ class Hub:
         if self.peers.collecting:
             shared = batch.take()
             self.peers.record(shared)
-        self.relayed += framed * len(self.clients)
         self._send(shared)
+        # Counted after the send: a client closed for falling behind on this
+        # batch was not delivered it.
+        self.relayed += framed * len(self.clients)
 
     def _record_batch(self, n: int) -> None:
         self.batches += 1

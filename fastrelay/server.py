@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 from dataclasses import replace
+from typing import Any
 
 from picows import ws_create_server
 
@@ -35,8 +36,8 @@ class RelayServer:
     Keyword arguments override fields of ``config`` (see :class:`ServeConfig`).
     """
 
-    def __init__(self, config: ServeConfig | None = None, **overrides: object) -> None:
-        config = replace(config or ServeConfig(), **overrides)  # type: ignore[arg-type]
+    def __init__(self, config: ServeConfig | None = None, **overrides: Any) -> None:
+        config = replace(config or ServeConfig(), **overrides)
         config.validate()
         self.config = config
         self.hub: Hub = load_hub(config.backend)(
