@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from waiting import until, wait_for
 
 # Extra `serve` options for every relay of a run, e.g. "--write-delay 0" to run
 # the suite with every batch written at once.
@@ -76,6 +78,10 @@ class Relay:
         self.send(orjson.dumps(event))
         return event
 
+    def state(self, machine_id: str, state: str, **fields: Any) -> dict[str, Any]:
+        """A ``state_change`` for ``machine_id``."""
+        return self.emit("state_change", machine_id, state=state, **fields)
+
     # -- HTTP -----------------------------------------------------------------
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, Any]:
@@ -88,35 +94,51 @@ class Relay:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), exc.headers
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of /metrics, e.g. ``metric("fastrelay_frames_sent_total")``."""
+        status, body, _ = self.get("/metrics")
+        assert status == 200, body
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"no {name} in /metrics")
+
     def health(self) -> dict[str, Any]:
         status, body, _ = self.get("/healthz")
         assert status == 200, body
         return json.loads(body)
 
+    async def ahealth(self) -> dict[str, Any]:
+        """/healthz from an async test, without blocking its loop (a slow link can take a while)."""
+        result: dict[str, Any] = await asyncio.to_thread(self.health)
+        return result
+
     def wait_for(self, predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; last value {value!r}")
-            time.sleep(0.02)
+        """Sync tests: poll ``predicate`` (see waiting.wait_for)."""
+        return wait_for(predicate, timeout, what)
 
     def wait_accepted(self, n: int, timeout: float = 10.0) -> None:
+        """Sync tests: wait until the relay has accepted ``n`` events in all."""
         self.wait_for(lambda: self.health()["events"]["accepted"] >= n, timeout, f"{n} accepted")
+
+    async def until_health(self, predicate: Any, timeout: float = 10.0,
+                           what: str = "condition") -> dict[str, Any]:
+        """Async tests: poll /healthz until ``predicate(health)`` holds; returns that health."""
+        async def check() -> dict[str, Any] | None:
+            health = await self.ahealth()
+            return health if predicate(health) else None
+
+        result: dict[str, Any] = await until(check, timeout, what)
+        return result
+
+    async def until_accepted(self, n: int, timeout: float = 10.0) -> None:
+        """Async tests: wait until the relay has accepted ``n`` events in all."""
+        await self.until_health(lambda h: h["events"]["accepted"] >= n, timeout, f"{n} accepted")
 
     # -- process ----------------------------------------------------------------
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
 
     def log_text(self) -> str:
         path = self.log_dir / "websocket-server.log"
@@ -133,6 +155,64 @@ class Relay:
         self._dgram.close()
         self._reader.join(2)
         return self.proc.returncode
+
+
+class OwedWatch:
+    """What the relay says it holds for its clients (/healthz ``owed_bytes_max``: the
+    largest one client's queue plus its transport's write buffer), sampled through a
+    scenario; :meth:`worst` is the largest seen.
+
+    Samples miss peaks between them but never overstate one, so a bound checked
+    against them cannot fail a relay that keeps it.
+    """
+
+    def __init__(self, relay: Relay, interval: float = 0.02) -> None:
+        self.relay = relay
+        self.interval = interval
+        self.samples = 0
+        self.missing: list[str] = []
+        self.max_client_buffer = 0
+        self._worst = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> OwedWatch:
+        await self._sample()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self._sample()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._sample()
+
+    async def _sample(self) -> None:
+        health = await self.relay.ahealth()
+        # Read defensively: a relay whose /healthz lacks the fields fails the
+        # test in worst(), naming them, rather than here in a background task.
+        if "owed_bytes_max" not in health or "max_client_buffer" not in health:
+            self.missing = sorted({"owed_bytes_max", "max_client_buffer"} - set(health))
+            return
+        self._worst = max(self._worst, int(health["owed_bytes_max"]))
+        self.max_client_buffer = int(health["max_client_buffer"])
+        self.samples += 1
+
+    def worst(self) -> int:
+        assert not self.missing, f"the relay's /healthz has no {self.missing}"
+        assert self.samples, "no sample of the relay's accounting was taken"
+        return self._worst
+
+    def describe(self) -> str:
+        return (f"owed_bytes_max at most {self._worst} bytes over {self.samples} samples "
+                f"(max_client_buffer {self.max_client_buffer})")
 
 
 class RelayFactory:

@@ -9,10 +9,12 @@ issue reported (a snapshot that does not fit the socket at once, 100 refreshes
 in one packet, a PING flood from a client that never reads) and check exactly
 that, with real relays, real sockets and real clients.
 
-Memory is the relay's VmRSS: the baseline is taken once the registry is full
-and before any client connects, and the kernel's high-water mark (VmHWM, reset
-through /proc/PID/clear_refs) gives the true peak during the run. The bound is
-``3 x --max-client-buffer + 32 MiB`` of growth.
+What the relay holds is its own accounting, sampled from /healthz through each
+scenario (relayproc.OwedWatch): ``owed_bytes_max``, the most one client is owed
+(its queue plus its transport's write buffer). It may exceed
+``--max-client-buffer`` by the batch that crossed the bound and, for a client
+closed in the middle of a snapshot, by that snapshot's tail (a close frame may
+not cut into a frame); never by more (:func:`owed_allowance`).
 
 The scenario bodies take a ``link`` (netns.Loopback or netns.SlowLink), so
 test_slowlink.py runs the same bodies over a 20 Mbit/s loopback.
@@ -35,39 +37,20 @@ import orjson
 import websockets
 from netns import Loopback
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from relayproc import OwedWatch
+from waiting import poll, until
 
 MiB = 1024 * 1024
 PONG = b'{"type":"pong"}'
 LOOPBACK = Loopback()
 
 
-# -- waiting ------------------------------------------------------------------------
-
-
-async def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy or ``timeout`` s; returns its last value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value or loop.time() > deadline:
-            return value
-        await asyncio.sleep(interval)
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Like :func:`poll`, but an AssertionError naming ``what`` when it times out."""
-    value = await poll(predicate, timeout)
-    if not value:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value {value!r}")
-    return value
+# -- waiting and the relay's accounting ---------------------------------------------------
 
 
 async def health(relay: Any) -> dict[str, Any]:
     """/healthz without blocking the test's loop (over a slow link it can wait a while)."""
-    result: dict[str, Any] = await asyncio.to_thread(relay.health)
+    result: dict[str, Any] = await relay.ahealth()
     return result
 
 
@@ -76,38 +59,22 @@ async def closed_for_backpressure(relay: Any) -> int:
     return int(closed.get("slow", 0)) + int(closed.get("timeout", 0))
 
 
-# -- the relay's memory ----------------------------------------------------------------
+#: --batch-cap for scenarios with large events, so that one batch is small
+#: next to --max-client-buffer and the bound below says something.
+BATCH_CAP = 64
 
 
-class PeakRSS:
-    """The relay's resident memory: baseline now, true peak later (VmHWM after clear_refs)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        # Writing 5 to clear_refs resets the peak-RSS high-water mark to the
-        # current RSS, so VmHWM afterwards is the exact peak, with no sampling gap.
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        self.baseline_kib = self._field("VmRSS")
-
-    def _field(self, name: str) -> int:
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return int(line.split()[1])
-        raise AssertionError(f"no {name} for pid {self.pid}")
-
-    def growth(self) -> int:
-        """Bytes between the baseline and the peak so far."""
-        return (self._field("VmHWM") - self.baseline_kib) * 1024
-
-    def describe(self) -> str:
-        return (f"relay RSS baseline {self.baseline_kib / 1024:.1f} MiB, "
-                f"peak growth {self.growth() / MiB:.1f} MiB")
+async def snapshot_bytes(relay: Any) -> int:
+    """About the size of the relay's ``initial`` frame now: its registry plus the envelope."""
+    status, body, _ = await asyncio.to_thread(relay.get, "/api/machines")
+    assert status == 200, body[:200]
+    return len(body) + 256
 
 
-def rss_bound(max_client_buffer: int) -> int:
-    return 3 * max_client_buffer + 32 * MiB
+def owed_allowance(max_client_buffer: int, snapshot: int, batch_cap: int, event_frame: int) -> int:
+    """The most one client may be owed: its bound, the batch that crossed it, and the
+    tail of a snapshot it was closed in the middle of."""
+    return max_client_buffer + batch_cap * event_frame + snapshot
 
 
 # -- emitters (separate processes, like the state machines they stand for) ----------------
@@ -432,29 +399,32 @@ async def non_readers_are_closed_and_memory_bounded(relay_factory: Any, link: An
     backpressure, the relay's memory stays within its bound, and two readers get
     every event in order."""
     bound = 1 * MiB
-    relay = relay_factory.start("--max-client-buffer", str(bound), link=link)
+    relay = relay_factory.start("--max-client-buffer", str(bound), "--batch-cap", str(BATCH_CAP),
+                                link=link)
     await fill_registry(relay, machines)
-    rss = PeakRSS(relay.pid)
-    readers = [await picows_reader(link, relay, f"reader{i}") for i in range(2)]
-    await until(lambda: all(r.check.initials for r in readers), 30, "readers' initials")
-    raw = await raw_handshake(link, relay)
-    paused = await websockets_non_reader(link, relay)
-    await until(lambda: _clients_at_least(relay, 4), 10, "4 clients")
-    # ~45 MB of events: were the non-readers' buffers unbounded, growth would show it.
-    # Paced (8 MB/s in 4 KB events) so that the two readers, in this process and
-    # bound to 1 MiB like everyone, keep up even on a busy machine.
-    pacer = await Pacer.start(relay, rate=2000, count=11_000, pad=4000)
-    emitted = await pacer.stop()
-    await poll(lambda: all(r.check.events >= emitted for r in readers), 60)
-    closed = await poll(lambda: _at_least(closed_for_backpressure(relay), 2), 20)
+    snapshot = await snapshot_bytes(relay)
+    async with OwedWatch(relay) as owed:
+        readers = [await picows_reader(link, relay, f"reader{i}") for i in range(2)]
+        await until(lambda: all(r.check.initials for r in readers), 30, "readers' initials")
+        raw = await raw_handshake(link, relay)
+        paused = await websockets_non_reader(link, relay)
+        await until(lambda: _clients_at_least(relay, 4), 10, "4 clients")
+        # ~45 MB of events: were the non-readers' buffers unbounded, what the
+        # relay owes them would show it. Paced (8 MB/s in 4 KB events) so that
+        # the two readers, in this process and bound to 1 MiB like everyone,
+        # keep up even on a busy machine.
+        pacer = await Pacer.start(relay, rate=2000, count=11_000, pad=4000)
+        emitted = await pacer.stop()
+        await poll(lambda: all(r.check.events >= emitted for r in readers), 60)
+        closed = await poll(lambda: _at_least(closed_for_backpressure(relay), 2), 20)
     summaries = "\n".join(r.check.summary() for r in readers)
-    state = f"{rss.describe()}; closed={(await health(relay))['closed']}\n{summaries}"
+    state = f"{owed.describe()}; closed={(await health(relay))['closed']}\n{summaries}"
     assert closed, "both non-readers should be closed for backpressure (slow/timeout)\n" + state
     for reader in readers:
         assert not reader.check.errors, state
         assert (reader.check.first_n, reader.check.last_n) == (0, emitted - 1), state
         assert reader.check.machines >= machines, state
-    assert rss.growth() <= rss_bound(bound), state
+    assert owed.worst() <= owed_allowance(bound, snapshot, BATCH_CAP, 4200), state
     raw.close()
     paused.transport.abort()  # closed by the relay; a close handshake would wait on paused reading
     for reader in readers:
@@ -521,18 +491,21 @@ async def refresh_flood_is_bounded(relay_factory: Any, link: Any, machines: int 
     # A long send timeout, so the flooder can read its backlog afterwards and count.
     relay = relay_factory.start("--max-client-buffer", str(bound), "--send-timeout", "60", link=link)
     await fill_registry(relay, machines)
-    rss = PeakRSS(relay.pid)
-    readers = [await picows_reader(link, relay, f"reader{i}") for i in range(2)]
-    await until(lambda: all(r.check.initials for r in readers), 30, "readers' initials")
-    flooder = await raw_handshake(link, relay)
-    pacer = await Pacer.start(relay, rate=2000, pad=200)
-    await asyncio.get_running_loop().sock_sendall(flooder, masked_frame(0x1, b'{"type":"refresh"}') * 100)
-    closed = await poll(lambda: _at_least(closed_for_backpressure(relay), 1), 30)
-    emitted = await pacer.stop()
-    state = f"{rss.describe()}; closed={(await health(relay))['closed']}"
+    snapshot = await snapshot_bytes(relay)
+    async with OwedWatch(relay) as owed:
+        readers = [await picows_reader(link, relay, f"reader{i}") for i in range(2)]
+        await until(lambda: all(r.check.initials for r in readers), 30, "readers' initials")
+        flooder = await raw_handshake(link, relay)
+        pacer = await Pacer.start(relay, rate=2000, pad=200)
+        await asyncio.get_running_loop().sock_sendall(
+            flooder, masked_frame(0x1, b'{"type":"refresh"}') * 100)
+        closed = await poll(lambda: _at_least(closed_for_backpressure(relay), 1), 30)
+        emitted = await pacer.stop()
+    state = f"{owed.describe()}; closed={(await health(relay))['closed']}"
     await poll(lambda: all(r.check.events >= emitted for r in readers), 60)
     state += "\n" + "\n".join(r.check.summary() for r in readers)
-    assert rss.growth() <= rss_bound(bound), state
+    # 300-byte events at 2000/s: the default batch cap makes a small batch here.
+    assert owed.worst() <= owed_allowance(bound, snapshot, 1024, 400), state
     assert closed, "the refresh flooder should be closed for backpressure\n" + state
     for reader in readers:
         assert not reader.check.errors, state
@@ -609,31 +582,35 @@ async def ping_flood_is_bounded(relay_factory: Any, link: Any, pings: int = 400_
     bound = 1 * MiB
     relay = relay_factory.start("--max-client-buffer", str(bound), link=link)
     await fill_registry(relay, 1000)
-    rss = PeakRSS(relay.pid)
-    readers = [await picows_reader(link, relay, f"reader{i}") for i in range(2)]
-    await until(lambda: all(r.check.initials for r in readers), 30, "readers' initials")
-    flooder = await raw_handshake(link, relay)
-    flooder.setblocking(True)
-    flooder.settimeout(5)  # the relay may stop reading a client it has given up on
-    # Few events: the bound must hold between fan-outs too, not only when one happens.
-    pacer = await Pacer.start(relay, rate=2, pad=64)
-    per_send = 4000  # ~420 KB of 100-byte pings per send
-    stop = threading.Event()
-    frames = masked_frame(0x9, b"x" * 100) * per_send
-    flooding = asyncio.create_task(asyncio.to_thread(flood, flooder, frames, pings // per_send, stop))
-    closed = await poll(lambda: _at_least(closed_for_backpressure(relay), 1), 60)
-    stop.set()
-    sends, why = await asyncio.wait_for(flooding, 30)
+    snapshot = await snapshot_bytes(relay)
+    async with OwedWatch(relay) as owed:
+        readers = [await picows_reader(link, relay, f"reader{i}") for i in range(2)]
+        await until(lambda: all(r.check.initials for r in readers), 30, "readers' initials")
+        flooder = await raw_handshake(link, relay)
+        flooder.setblocking(True)
+        flooder.settimeout(5)  # the relay may stop reading a client it has given up on
+        # Few events: the bound must hold between fan-outs too, not only when one happens.
+        pacer = await Pacer.start(relay, rate=2, pad=64)
+        per_send = 4000  # ~420 KB of 100-byte pings per send
+        stop = threading.Event()
+        frames = masked_frame(0x9, b"x" * 100) * per_send
+        flooding = asyncio.create_task(
+            asyncio.to_thread(flood, flooder, frames, pings // per_send, stop))
+        closed = await poll(lambda: _at_least(closed_for_backpressure(relay), 1), 60)
+        stop.set()
+        sends, why = await asyncio.wait_for(flooding, 30)
     # The others still get events after the flood.
     mark = max(r.check.events for r in readers)
     await poll(lambda: all(r.check.events >= mark + 4 for r in readers), 30)
     emitted = await pacer.stop()
-    state = f"{rss.describe()}; closed={(await health(relay))['closed']}"
+    state = f"{owed.describe()}; closed={(await health(relay))['closed']}"
     await poll(lambda: all(r.check.events >= emitted for r in readers), 30)
     state += f"; flooder: {sends * per_send} pings sent, then {why}\n"
     state += "\n".join(r.check.summary() for r in readers)
     assert closed, "the ping flooder should be closed for backpressure\n" + state
-    assert rss.growth() <= rss_bound(bound), state
+    # Its PONGs are owed bytes too: at most the latest PING is answered, and
+    # what waits for the flooder stays within its bound.
+    assert owed.worst() <= owed_allowance(bound, snapshot, 1024, 200), state
     for reader in readers:
         assert not reader.check.errors, state
         assert (reader.check.first_n, reader.check.last_n) == (0, emitted - 1), state

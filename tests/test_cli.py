@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -80,9 +79,14 @@ def test_tail_prints_events_and_answers_pings(relay_factory):
         assert lines[0].endswith("state_change tail-1 None -> idle")
         assert 'state_change tail-1 idle -> running {"data":{"job":7}}' in lines[1]
         assert 'job_progress tail-1 {"progress":0.5}' in lines[2]
-        time.sleep(2.5)  # 5 ping intervals: a tail that ignored pings would be closed by now
-        assert relay.health()["clients"] == 1
-        assert relay.health()["closed"]["unresponsive"] == 0
+        # Five pings: a tail that ignored them would be closed at the fourth or
+        # fifth, in the step that sent it. The tail is the only client, so the
+        # frames written are its initial, the 3 events and the pings.
+        relay.wait_for(lambda: relay.metric("fastrelay_frames_sent_total") >= 1 + 3 + 5, 15,
+                       "five pings to the tail")
+        health = relay.health()
+        assert health["clients"] == 1
+        assert health["closed"]["unresponsive"] == 0
     finally:
         tail.send_signal(signal.SIGINT)
         try:
@@ -102,10 +106,13 @@ async def main():
                                      log_dir={str(tmp_path / 'logs')!r}) as server:
         assert server.backend == fastrelay.BACKEND
         assert fastrelay.Emitter(server.config.socket_path).emit("state_change", "api", state="up")
-        await asyncio.sleep(0.2)
         url = server.url.replace("ws://", "http://").replace("/ws/events", "/api/machines")
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())
-        print(json.loads(body)[0]["current_state"])
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (machines := json.loads(await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url).read()))):
+            assert asyncio.get_running_loop().time() < deadline, "the event never arrived"
+            await asyncio.sleep(0.02)
+        print(machines[0]["current_state"])
 asyncio.run(main())
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -6,34 +6,23 @@ import asyncio
 
 import orjson
 from clients import picows_client
+from waiting import until
 
 
-async def until(predicate, timeout: float = 10.0, what: str = "condition"):
-    """Poll a blocking ``predicate`` off the loop until it holds, so clients keep running."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := await asyncio.to_thread(predicate)):
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-    return value
-
-
-def frames_sent(relay) -> float:
-    for line in relay.get("/metrics")[1].decode().splitlines():
-        if line.startswith("fastrelay_frames_sent_total "):
-            return float(line.split()[1])
-    raise AssertionError("no fastrelay_frames_sent_total")
+async def _frames_sent_at_least(relay, n: int) -> bool:
+    return await asyncio.to_thread(relay.metric, "fastrelay_frames_sent_total") >= n
 
 
 async def test_relayed_counts_event_deliveries_not_pings(relay_factory):
     # Before the fix every JSON ping was counted as a relayed event.
     relay = relay_factory.start("--ping-interval", "0.1")
     collector = await picows_client(relay.url, expected=5)
-    await until(lambda: relay.health()["clients"] == 1, what="client joined")
+    await relay.until_health(lambda h: h["clients"] == 1, what="client joined")
     for i in range(5):
         relay.emit("tick", "m", n=i)
     await asyncio.wait_for(collector.done, 10)
     # initial + 5 events + at least 3 pings written to the one client
-    await until(lambda: frames_sent(relay) >= 1 + 5 + 3, what="three pings")
+    await until(lambda: _frames_sent_at_least(relay, 1 + 5 + 3), what="three pings")
     health = relay.health()
     assert health["clients"] == 1
     assert health["events"]["accepted"] == 5

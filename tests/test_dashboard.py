@@ -1,12 +1,12 @@
 """Browser tests of the live dashboard (fastrelay/static/), in Chromium via Playwright.
 
-Each test starts a real relay (`python -m fastrelay serve`) on a free port and a
-socket path of its own, opens the dashboard the relay serves at `/`, emits
-datagrams the way any emitter does, and reads what the page shows through the
-stable attributes it renders (`tr[data-machine-id][data-state]`,
+Each test starts a real relay (`python -m fastrelay serve`, through the suite's
+`relay_factory`, once per backend), opens the dashboard the relay serves at `/`,
+emits datagrams the way any emitter does, and reads what the page shows through
+the stable attributes it renders (`tr[data-machine-id][data-state]`,
 `#conn[data-status]`, `#log li[data-type]`) or its `window.fastrelayDashboard`
-hook. Timings are measured inside the page (performance.now(),
-requestAnimationFrame) so they do not depend on Playwright's round trips.
+hook. They check what the page shows, never how fast: timeouts here are
+deadlines, and bench/dashboard_update.py measures the speed.
 
 Needs Debian's chromium at /usr/bin/chromium (scripts/ensure-chromium.sh) and
 the `playwright` package from PyPI; never `playwright install`.
@@ -16,22 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
+from relayproc import Relay, RelayFactory
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
@@ -46,137 +38,16 @@ CHROMIUM_ARGS = [
 PING_INTERVAL = 1  # seconds; short so keepalive is exercised within a test
 
 
-# --------------------------------------------------------------------- relay
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Relay:
-    """One `fastrelay serve` subprocess; start() and stop() may be repeated."""
-
-    def __init__(self, backend: str, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
-        self.backend = backend
-        self.workdir = workdir
-        self.port = _free_port()
-        self.socket_path = str(workdir / "relay.sock")
-        self.extra_args = extra_args
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._out = workdir / "relay.out"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    def start(self, timeout: float = 20.0) -> None:
-        cmd = [
-            sys.executable, "-m", "fastrelay", "serve",
-            "--port", str(self.port),
-            "--socket", self.socket_path,
-            "--log-dir", str(self.workdir / "logs"),
-            "--ping-interval", str(PING_INTERVAL),
-            "--backend", self.backend,
-            *self.extra_args,
-        ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        out = self._out.open("ab")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"relay exited with {self.proc.returncode} at start:\n{self.output()}")
-            try:
-                self.healthz()
-                return
-            except OSError:
-                time.sleep(0.05)
-        pytest.fail(f"relay did not answer /healthz within {timeout} s:\n{self.output()}")
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then wait; returns the exit code (None if it had to be killed)."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return None if proc is None else proc.returncode
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return None
-
-    def close(self) -> None:
-        self.stop()
-        self._sock.close()
-
-    def output(self) -> str:
-        try:
-            return self._out.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def healthz(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
-            return dict(json.loads(r.read()))
-
-    def emit(self, type: str, machine_id: str | None = None, **fields: Any) -> None:
-        event: dict[str, Any] = {"type": type, "timestamp": time.time(), **fields}
-        if machine_id is not None:
-            event["machine_id"] = machine_id
-        # Blocking send: when the relay's queue is full the kernel makes us
-        # wait instead of dropping, so every event here reaches the relay.
-        self._sock.sendto(orjson.dumps(event), self.socket_path)
-
-    def state(self, machine_id: str, state: str, **fields: Any) -> None:
-        self.emit("state_change", machine_id, state=state, **fields)
-
-
-# ------------------------------------------------------------------ fixtures
-
-
-# Read as the relay reads it (fastrelay/_backend.py): set means "pure build".
-NO_EXTENSIONS = bool(os.environ.get("FASTRELAY_NO_EXTENSIONS"))
-
-
-@pytest.fixture(params=["python", "cython"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """The relay's backend. `cython` is skipped only for a pure run, where the
-    relay refuses it by design (same rule as tests/conftest.py); otherwise it
-    runs, and a missing extension fails the test instead of hiding."""
-    name = str(request.param)
-    if name == "cython" and NO_EXTENSIONS:
-        pytest.skip("FASTRELAY_NO_EXTENSIONS is set: the relay runs the pure-Python backend only")
-    return name
+# --------------------------------------------------------------------- relays
 
 
 @pytest.fixture
-def start_relay(backend: str) -> Iterator[Callable[..., Relay]]:
-    """Factory: start_relay(*extra_args) -> a running Relay; all stopped at teardown."""
-    relays: list[Relay] = []
-    dirs: list[str] = []
-
-    def start(*extra_args: str) -> Relay:
-        # A short directory keeps the socket path far below the 108-byte limit.
-        d = tempfile.mkdtemp(prefix="frdash-", dir="/tmp")
-        dirs.append(d)
-        relay = Relay(backend, Path(d), extra_args)
-        relays.append(relay)
-        relay.start()
-        return relay
-
-    yield start
-    for relay in relays:
-        relay.close()
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+def relay(relay_factory: RelayFactory) -> Relay:
+    """A relay (tests/relayproc.py) with a short ping interval."""
+    return relay_factory.start(ping_interval=PING_INTERVAL)
 
 
-@pytest.fixture
-def relay(start_relay: Callable[..., Relay]) -> Relay:
-    return start_relay()
+# ------------------------------------------------------------------ browser
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +89,7 @@ _STATES_SHOWN_JS = """
 
 
 def open_dashboard(page: Any, relay: Relay, query: str = "") -> None:
-    page.goto(f"{relay.url}/{query}")
+    page.goto(f"{relay.http}/{query}")
     page.wait_for_function(
         "() => window.fastrelayDashboard && fastrelayDashboard.connected"
         " && fastrelayDashboard.stats.initials >= 1",
@@ -227,9 +98,11 @@ def open_dashboard(page: Any, relay: Relay, query: str = "") -> None:
 
 
 def wait_states(page: Any, expected: dict[str, str], timeout_ms: int = 10_000) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     try:
         page.wait_for_function(_STATES_SHOWN_JS, arg=expected, timeout=timeout_ms)
-    except Exception as exc:
+    except PlaywrightTimeoutError as exc:
         shown = shown_rows(page)
         wrong = {k: (v, shown.get(k)) for k, v in expected.items() if shown.get(k) != v}
         sample = dict(list(wrong.items())[:10])
@@ -260,9 +133,7 @@ def test_machines_appear_with_states(relay: Relay, page: Any) -> None:
     before = {"w-01": "idle", "w-02": "running", "w-03": "waiting", "w-04": "running"}
     for mid, st in before.items():
         relay.state(mid, st, data={"job": mid})
-    deadline = time.monotonic() + 5
-    while relay.healthz()["machines"] < len(before) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    relay.wait_for(lambda: relay.health()["machines"] == len(before), what="4 machines")
     open_dashboard(page, relay)
     wait_states(page, before)
 
@@ -302,37 +173,27 @@ def test_machines_appear_with_states(relay: Relay, page: Any) -> None:
     page.wait_for_function(f"() => ({order})().length === 7")
 
 
-def test_state_change_shown_within_200ms(relay: Relay, page: Any) -> None:
-    relay.state("lat-1", "s-init")
+def test_each_state_change_updates_the_row(relay: Relay, page: Any) -> None:
+    # How soon the row follows the emit is measured by bench/dashboard_update.py.
+    relay.state("row-1", "s-init")
     open_dashboard(page, relay)
-    wait_states(page, {"lat-1": "s-init"})
+    wait_states(page, {"row-1": "s-init"})
     page.evaluate(
         """() => {
-            const tr = document.querySelector('tr[data-machine-id="lat-1"]');
+            const tr = document.querySelector('tr[data-machine-id="row-1"]');
             window.__changes = [];
-            new MutationObserver(() => {
-                window.__changes.push({t: performance.now(), s: tr.dataset.state});
-            }).observe(tr, {attributes: true, attributeFilter: ['data-state']});
+            new MutationObserver(() => window.__changes.push(tr.dataset.state))
+                .observe(tr, {attributes: true, attributeFilter: ['data-state']});
         }"""
     )
-    latencies = []
-    for i in range(15):
-        state = f"s-{i}"
-        t0 = page.evaluate("performance.now()")  # taken before the emit: an upper bound
-        relay.state("lat-1", state)
-        page.wait_for_function(
-            "(s) => window.__changes.some(c => c.s === s)", arg=state, timeout=5_000
-        )
-        t1 = page.evaluate("(s) => window.__changes.find(c => c.s === s).t", state)
-        latencies.append(t1 - t0)
-        time.sleep(0.05)
-    latencies.sort()
-    median = latencies[len(latencies) // 2]
-    print(
-        f"\nstate change -> row updated [{relay.backend}]: median {median:.1f} ms, "
-        f"max {latencies[-1]:.1f} ms over {len(latencies)} changes"
-    )
-    assert latencies[-1] < 200, f"slowest update took {latencies[-1]:.1f} ms: {latencies}"
+    states = [f"s-{i}" for i in range(15)]
+    for state in states:
+        relay.state("row-1", state)
+        page.wait_for_function("(s) => window.__changes.includes(s)", arg=state, timeout=10_000)
+    changes = page.evaluate("window.__changes")
+    shown = [s for i, s in enumerate(changes) if i == 0 or changes[i - 1] != s]
+    assert shown == states  # every state, in order, none from elsewhere
+    assert page.inner_text('tr[data-machine-id="row-1"] .c-state .badge') == "s-14"
 
 
 def test_log_shows_non_state_events(relay: Relay, page: Any) -> None:
@@ -363,26 +224,36 @@ def test_log_shows_non_state_events(relay: Relay, page: Any) -> None:
     page.click("#log-pause")
     relay.emit("log", "w-3", message="while paused")
     page.wait_for_function("() => fastrelayDashboard.model.log.some(e => e.mid === 'w-3')")
-    page.wait_for_timeout(300)
+    # Let the page reach the frame where an unpaused log would have drawn it: the
+    # log is redrawn at most every config.logRenderMs, and retried every frame.
+    page.evaluate("() => { window.__heldAt = performance.now(); }")
+    page.wait_for_function(
+        "() => performance.now() - window.__heldAt > fastrelayDashboard.config.logRenderMs")
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    assert page.query_selector('tr[data-machine-id="w-3"]') is not None  # the page did draw
     assert page.query_selector('#log li[data-machine-id="w-3"]') is None
     page.click("#log-pause")
     page.wait_for_selector('#log li[data-machine-id="w-3"]', timeout=2_000)
 
 
-def test_reconnects_after_relay_restart(relay: Relay, page: Any) -> None:
+def test_reconnects_after_relay_restart(relay: Relay, relay_factory: RelayFactory,
+                                        page: Any) -> None:
     relay.state("r-1", "before")
     relay.state("r-2", "only-in-old-relay")
     open_dashboard(page, relay)
     wait_states(page, {"r-1": "before", "r-2": "only-in-old-relay"})
 
     rc = relay.stop()
-    assert rc == 0, f"relay did not exit cleanly on SIGTERM (code {rc}):\n{relay.output()}"
+    assert rc == 0, "relay did not exit cleanly on SIGTERM (code {}):\n{}".format(
+        rc, "\n".join(relay.output))
     page.wait_for_function(
         "() => document.getElementById('conn').dataset.status !== 'connected'", timeout=5_000
     )
     assert not page.evaluate("fastrelayDashboard.connected")
 
-    relay.start()  # same port, same socket path, empty registry
+    # Same port, same socket path, empty registry.
+    relay = relay_factory.start(port=relay.port, socket_path=relay.socket_path,
+                                ping_interval=PING_INTERVAL)
     relay.state("r-1", "after")
     relay.state("r-3", "fresh")
     # The page comes back by itself; its fresh snapshot replaces the old model,
@@ -408,13 +279,17 @@ def test_pings_answered_and_connection_kept(relay: Relay, page: Any) -> None:
         }"""
     )
     pongs_before = page.evaluate("fastrelayDashboard.stats.pongs")
-    time.sleep(5 * PING_INTERVAL + 0.5)  # well past 3 x ping-interval
+    # Five more pings answered span four intervals: past the three after which
+    # the relay closes a client that answers nothing.
+    page.wait_for_function("(n) => fastrelayDashboard.stats.pongs >= n", arg=pongs_before + 5,
+                           timeout=(10 * PING_INTERVAL) * 1000)
     assert page.evaluate("window.__statuses") == []
     assert page.get_attribute("#conn", "data-status") == "connected"
     stats = page.evaluate("({...fastrelayDashboard.stats})")
     assert stats["closes"] == 0 and stats["connects"] == 1, stats
-    assert stats["pongs"] - pongs_before >= 3, stats
-    assert relay.healthz()["clients"] == 1
+    health = relay.health()
+    assert health["clients"] == 1
+    assert health["closed"]["unresponsive"] == 0
 
 
 _FLOOD = r"""
@@ -444,8 +319,7 @@ while sent < total:
     delay = start + k * tick - time.perf_counter()
     if delay > 0:
         time.sleep(delay)
-elapsed = time.perf_counter() - start
-print(orjson.dumps({"sent": sent, "elapsed": elapsed, "final": final}).decode(), flush=True)
+print(orjson.dumps({"sent": sent, "final": final}).decode(), flush=True)
 """
 
 
@@ -462,66 +336,58 @@ _ON_SCREEN_BADGES_MATCH_JS = """
 """
 
 
-def test_flood_keeps_page_responsive(start_relay: Callable[..., Relay], page: Any) -> None:
+def test_flood_keeps_page_responsive(relay_factory: RelayFactory, page: Any) -> None:
     # The page answers a ping only after the events queued ahead of it. With the
     # suite's 1 s interval a page 3 s behind on a busy 2-core machine is closed
     # as unresponsive, by design; this test is about rendering a flood, so the
-    # relay keeps its default interval.
-    relay = start_relay("--ping-interval", "10")
+    # relay keeps its default interval. The rate reached and the frame gaps are
+    # measurements: bench/dashboard_update.py --flood.
+    relay = relay_factory.start(ping_interval=10)
     rate, seconds, machines = 5000, 5.0, 200
+    total = int(rate * seconds)
     open_dashboard(page, relay)
     events_before = page.evaluate("fastrelayDashboard.stats.events")
+    page.evaluate(
+        """() => {
+            const d = window.__frames = {on: true, n: 0};
+            const f = () => { d.n++; if (d.on) requestAnimationFrame(f); };
+            requestAnimationFrame(f);
+        }"""
+    )
     flood = subprocess.Popen(
         [sys.executable, "-c", _FLOOD, relay.socket_path, str(rate), str(seconds), str(machines)],
         stdout=subprocess.PIPE, text=True,
     )
+    progress: list[tuple[int, int]] = []
     try:
         assert flood.stdout is not None
         assert flood.stdout.readline().strip() == "started"
-        time.sleep(0.5)  # measure once the flood is running
-        page.evaluate(
-            """() => {
-                const d = window.__frames = {on: true, last: 0, max: 0, gaps: 0, sum: 0};
-                const f = (t) => {
-                    if (d.last) {
-                        const g = t - d.last;
-                        d.gaps++;
-                        d.sum += g;
-                        if (g > d.max) d.max = g;
-                    }
-                    d.last = t;
-                    if (d.on) requestAnimationFrame(f);
-                };
-                requestAnimationFrame(f);
-            }"""
-        )
-        out, _ = flood.communicate(timeout=seconds * 4 + 30)
+        # Responsive all through: the page keeps answering, and between two of
+        # our questions it has both taken in events and drawn frames.
+        while flood.poll() is None:
+            last_events, last_frames = progress[-1] if progress else (events_before, 0)
+            page.wait_for_function(
+                "([e, f, all]) => fastrelayDashboard.stats.events >= all"
+                " || (fastrelayDashboard.stats.events > e && window.__frames.n > f)",
+                arg=[last_events, last_frames, events_before + total], timeout=15_000,
+            )
+            progress.append(tuple(page.evaluate(
+                "() => [fastrelayDashboard.stats.events, window.__frames.n]")))
+        out, _ = flood.communicate(timeout=30)
     finally:
         if flood.poll() is None:
             flood.kill()
             flood.wait()
-    frames = page.evaluate("(() => { window.__frames.on = false; return {...window.__frames}; })()")
     result = json.loads(out.strip().splitlines()[-1])
-    achieved = result["sent"] / result["elapsed"]
     final: dict[str, str] = result["final"]
+    assert result["sent"] == total
+    assert len(progress) >= 2, progress  # asked, and answered, while the flood ran
 
-    wait_states(page, final, timeout_ms=15_000)
+    wait_states(page, final, timeout_ms=30_000)
+    page.evaluate("() => { window.__frames.on = false; }")
     stats = page.evaluate("({...fastrelayDashboard.stats})")
-    seen = stats["events"] - events_before
-    mean_gap = frames["sum"] / max(1, frames["gaps"])
-    print(
-        f"\nflood [{relay.backend}]: {result['sent']} events from {machines} machines in "
-        f"{result['elapsed']:.2f} s ({achieved:.0f}/s); page frames: {frames['gaps']}, "
-        f"mean gap {mean_gap:.1f} ms, max gap {frames['max']:.1f} ms; "
-        f"slowest render {stats['maxRenderMs']:.1f} ms; events seen {seen}"
-    )
-    # The rate reached and the frame gaps are measurements, printed above, not
-    # assertions: on a shared 2-core machine they say more about the machine
-    # than the page. What must hold is that the page kept rendering and lost
-    # nothing.
-    assert frames["gaps"] > 0, "no animation frame ran during the flood"
     assert stats["closes"] == 0, f"the page lost its connection in the flood: {stats['lastClose']}"
-    assert seen == result["sent"], "the page did not receive every event"
+    assert stats["events"] - events_before == total, "the page did not receive every event"
     assert shown_rows(page) == final
     assert page.evaluate("fastrelayDashboard.states()") == final
 
@@ -532,17 +398,18 @@ def test_flood_keeps_page_responsive(start_relay: Callable[..., Relay], page: An
     page.wait_for_function(_ON_SCREEN_BADGES_MATCH_JS, timeout=5_000)
 
 
-def test_token_in_page_url_is_used(start_relay: Callable[..., Relay], page: Any) -> None:
-    relay = start_relay("--token", "secret")
+def test_token_in_page_url_is_used(relay_factory: RelayFactory, page: Any) -> None:
+    relay = relay_factory.start("--token", "secret", ping_interval=PING_INTERVAL)
     relay.state("t-1", "guarded")
     open_dashboard(page, relay, "?token=secret")
     relay.state("t-2", "live")
     wait_states(page, {"t-1": "guarded", "t-2": "live"})
-    assert relay.healthz()["clients"] == 1
+    assert relay.health()["clients"] == 1
 
-    # The token really is what let it in: with a wrong one nothing connects.
+    # The token really is what let it in: with a wrong one the relay refuses the
+    # page itself, so no dashboard runs and nothing connects.
     other = page.context.new_page()
-    other.goto(f"{relay.url}/?token=wrong")
-    other.wait_for_timeout(1500)
-    assert not other.evaluate("!!(window.fastrelayDashboard && fastrelayDashboard.connected)")
-    assert relay.healthz()["clients"] == 1
+    response = other.goto(f"{relay.http}/?token=wrong")
+    assert response is not None and response.status == 401
+    assert not other.evaluate("'fastrelayDashboard' in window")
+    assert relay.health()["clients"] == 1

@@ -30,17 +30,14 @@ def test_import_is_light():
     assert heavy == []
 
 
-def test_emit_without_relay_returns_false_fast(tmp_path):
+def test_emit_without_relay_returns_false_and_counts_it(tmp_path):
+    # What one such call costs is a measurement: bench/emit_cost.py.
     emitter = Emitter(str(tmp_path / "nobody.sock"))
-    durations = []
     for _ in range(200):
-        started = time.perf_counter()
         assert emitter.emit("state_change", "m", state="x") is False
-        durations.append(time.perf_counter() - started)
-    durations.sort()
-    assert durations[len(durations) // 2] < 0.001, durations[len(durations) // 2]
     assert emitter.dropped["no_relay"] == 200
     assert emitter.stats()["sent"] == 0
+    assert emitter.pending == 0  # nothing kept to retry: dropped at once
 
 
 def test_emit_never_raises_on_bad_values(tmp_path):
@@ -49,8 +46,42 @@ def test_emit_never_raises_on_bad_values(tmp_path):
     assert emitter.dropped["unserializable"] == 1
 
 
+SEND_EVENT_AS_ORIGINAL = textwrap.dedent("""
+    import inspect, sys
+    import fastrelay
+    # The original function's signature, called as its users call it.
+    params = inspect.signature(fastrelay.send_event).parameters.values()
+    assert [(p.name, p.kind.name) for p in params] == [
+        ("event_type", "POSITIONAL_OR_KEYWORD"), ("machine_id", "POSITIONAL_OR_KEYWORD"),
+        ("kwargs", "VAR_KEYWORD")]
+    assert fastrelay.send_event("state_change", "worker-123", state="processing",
+                                data={"job_id": "task-456"}) is True
+    assert fastrelay.send_event(event_type="log", machine_id="worker-123", message="hi") is True
+    assert fastrelay.default_emitter().flush(10)
+""")
+
+
 def test_module_level_api_matches_original(tmp_path):
-    assert fastrelay.send_event.__doc__
+    # send_event, as the original design's callers use it, sends the original
+    # wire format to the socket named by FASTRELAY_SOCKET.
+    original = str(tmp_path / "original.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(original)
+    result = subprocess.run([sys.executable, "-c", SEND_EVENT_AS_ORIGINAL], capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "FASTRELAY_SOCKET": original})
+    assert result.returncode == 0, result.stderr
+    import orjson
+
+    listener.settimeout(5)
+    first, second = (orjson.loads(listener.recv(65536)) for _ in range(2))
+    listener.close()
+    assert {k: v for k, v in first.items() if k != "timestamp"} == {
+        "type": "state_change", "machine_id": "worker-123", "state": "processing",
+        "data": {"job_id": "task-456"}}
+    assert isinstance(first["timestamp"], float)
+    assert (second["type"], second["machine_id"], second["message"]) == ("log", "worker-123", "hi")
+    assert fastrelay.send_event.__module__ == "fastrelay.emit"
+
     path = str(tmp_path / "r.sock")
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(path)
@@ -157,21 +188,12 @@ def test_cli_emit_reaches_relay(relay):
 
 
 BURST = textwrap.dedent("""
-    import sys, time
+    import sys
     from fastrelay import Emitter
     emitter = Emitter(sys.argv[1])
-    worst = 0.0
-    results = []
-    started = time.perf_counter()
-    for i in range(10_000):
-        t = time.perf_counter()
-        results.append(emitter.emit("burst", "b", seq=i))
-        worst = max(worst, time.perf_counter() - t)
-    loop_s = time.perf_counter() - started
-    pending = emitter.pending
+    results = [emitter.emit("burst", "b", seq=i) for i in range(10_000)]
     flushed = emitter.flush(30)
-    print(results.count(True), sum(emitter.dropped.values()), pending, flushed,
-          f"{loop_s:.4f}", f"{worst * 1e6:.0f}")
+    print(results.count(True), sum(emitter.dropped.values()), flushed)
 """)
 
 
@@ -180,13 +202,12 @@ async def test_burst_of_10000_from_one_process_arrives_complete_in_order(relay):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", BURST, relay.socket_path, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
-    ok, dropped, pending, flushed, loop_s, worst_us = out.decode().split()
+    ok, dropped, flushed = out.decode().split()
     await asyncio.wait_for(client.done, 30)
     assert (int(ok), int(dropped), flushed) == (10_000, 0, "True")
     assert [e["seq"] for e in client.events()] == list(range(10_000))
-    # The loop ran ahead of the relay: it ended with events still queued in the
-    # backlog, so it never waited for the relay to drain.
-    print(f"burst loop {loop_s}s, worst emit {worst_us}us, pending at loop end {pending}")
+    # What each emit cost and how far the loop ran ahead of the relay:
+    # bench/emit_cost.py.
     client.transport.disconnect()
 
 

@@ -32,7 +32,7 @@ async def test_thousand_clients_each_receive_a_burst_of_thousand(relay):
     for _ in range(10):
         clients += await asyncio.gather(*(picows_client(relay.url, expected=1001)
                                           for _ in range(100)))
-    relay.wait_for(lambda: relay.health()["clients"] == 1000, 30, "1000 clients")
+    await relay.until_health(lambda h: h["clients"] == 1000, 30, "1000 clients")
     assert await emit_in_subprocess(relay.socket_path, 1000) == (1000, 0, "True")
     await asyncio.wait_for(asyncio.gather(*(c.done for c in clients)), 120)
     expected = list(range(1000))

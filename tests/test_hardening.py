@@ -11,11 +11,13 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import websockets
 from clients import connect, picows_client, recv_events, recv_json
+from relayproc import OwedWatch
+from stall import StallUnavailable, stalled_loop
+from waiting import until
 
 MiB = 1024 * 1024
 
@@ -24,43 +26,45 @@ def fd_settled(relay, baseline: int, slack: int = 0) -> bool:
     return relay.fds() <= baseline + slack
 
 
+EVENTS_PER_BATCH = 64  # --batch-cap for tests that bound what one batch adds
+
+
 async def test_slow_client_closed_with_1013_while_others_get_everything(relay_factory):
     # A long send timeout so the stalled client has time to read its backlog
     # afterwards and see the close code; the buffer bound alone must close it.
-    relay = relay_factory.start("--send-timeout", "60")
-    baseline_rss = relay.rss_kib()
+    relay = relay_factory.start("--send-timeout", "60", "--batch-cap", str(EVENTS_PER_BATCH))
     fast = [await picows_client(relay.url, expected=2001) for _ in range(10)]
     # Kernel buffers on loopback absorb ~10 MB before the relay's own buffer grows;
     # the 20 MB burst goes well past both.
     slow = await websockets.connect(relay.url, ping_interval=None, max_size=None, max_queue=None)
     slow.transport.pause_reading()
-    relay.wait_for(lambda: relay.health()["clients"] == 11, what="11 clients")
+    await relay.until_health(lambda h: h["clients"] == 11, what="11 clients")
 
     payload = "z" * 10_000
-    emitter = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
-        import sys
-        from fastrelay import Emitter
-        import time
-        e = Emitter(sys.argv[1])
-        ok = 0
-        for i in range(2000):  # 20 MB, paced so that ten readers in one process keep up
-            ok += e.emit("bulk", "slowtest", seq=i, payload=sys.argv[2])
-            if i % 50 == 49:
-                time.sleep(0.05)
-        print(ok, e.flush(60), sum(e.dropped.values()))
-    """), relay.socket_path, payload], stdout=subprocess.PIPE, text=True)
-    peak_rss = baseline_rss
-    while emitter.poll() is None:
-        peak_rss = max(peak_rss, relay.rss_kib())
-        await asyncio.sleep(0.02)
-    assert emitter.stdout.read().split() == ["2000", "True", "0"]
-    await asyncio.wait_for(asyncio.gather(*(c.done for c in fast)), 60)
-    peak_rss = max(peak_rss, relay.rss_kib())
+    async with OwedWatch(relay) as owed:
+        emitter = await asyncio.create_subprocess_exec(sys.executable, "-c", textwrap.dedent("""
+            import sys
+            from fastrelay import Emitter
+            import time
+            e = Emitter(sys.argv[1])
+            ok = 0
+            for i in range(2000):  # 20 MB, paced so that ten readers in one process keep up
+                ok += e.emit("bulk", "slowtest", seq=i, payload=sys.argv[2])
+                if i % 50 == 49:
+                    time.sleep(0.05)
+            print(ok, e.flush(60), sum(e.dropped.values()))
+        """), relay.socket_path, payload, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(emitter.communicate(), 120)
+        assert out.decode().split() == ["2000", "True", "0"]
+        await asyncio.wait_for(asyncio.gather(*(c.done for c in fast)), 60)
+        await relay.until_health(lambda h: h["closed"]["slow"] == 1, what="slow close counted")
     for client in fast:
         assert [e["seq"] for e in client.events()] == list(range(2000))
-    relay.wait_for(lambda: relay.health()["closed"]["slow"] == 1, what="slow close counted")
-    # ~20 MB went out; the relay held at most one client's bound plus a batch.
-    assert (peak_rss - baseline_rss) * 1024 < 4 * MiB + 12 * MiB, (baseline_rss, peak_rss)
+    # ~20 MB went out; by its own accounting the relay never held more for one
+    # client than its bound plus the batch that crossed it (and it did count the
+    # slow client's backlog: the accounting is live).
+    one_batch = EVENTS_PER_BATCH * (len(payload) + 200)
+    assert 0 < owed.worst() <= owed.max_client_buffer + one_batch, owed.describe()
 
     slow.transport.resume_reading()
     with pytest.raises(websockets.ConnectionClosed):
@@ -87,14 +91,14 @@ CLIENTS_PROC = textwrap.dedent("""
 
 async def test_killed_clients_and_stuck_handshakes_leave_no_leak(relay_factory):
     relay = relay_factory.start("--send-timeout", "0.4", ping_interval=0.3)
-    time.sleep(0.3)
+    assert relay.health()["clients"] == 0  # serving: what it opens at start is open
     baseline = relay.fds()
     procs = [subprocess.Popen([sys.executable, "-c", CLIENTS_PROC, relay.url, "20",
                                os.path.dirname(__file__)], stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     for proc in procs:
         assert proc.stdout.readline().strip() == "connected"
-    relay.wait_for(lambda: relay.health()["clients"] == 40, what="40 clients")
+    await relay.until_health(lambda h: h["clients"] == 40, what="40 clients")
     # Half-open handshakes: a TCP connection that says nothing, one that stops mid-request.
     idle = socket.create_connection(("127.0.0.1", relay.port))
     partial = socket.create_connection(("127.0.0.1", relay.port))
@@ -111,15 +115,16 @@ async def test_killed_clients_and_stuck_handshakes_leave_no_leak(relay_factory):
             e.emit("bulk", "kill", seq=i, pad="k" * 500)
         e.flush(30)
     """), relay.socket_path])
-    await asyncio.sleep(0.05)
+    # Kill the clients while the burst is being relayed to them.
+    await relay.until_health(lambda h: h["events"]["accepted"] > 0, what="the burst under way")
     for proc in procs:
         proc.send_signal(signal.SIGKILL)
     for proc in procs:
-        proc.wait()
-    burst.wait(60)
+        await asyncio.to_thread(proc.wait, 10)
+    await asyncio.to_thread(burst.wait, 60)
 
-    relay.wait_for(lambda: relay.health()["clients"] == 0, 15, "all clients gone")
-    relay.wait_for(lambda: fd_settled(relay, baseline), 15, f"fds back to {baseline}")
+    await relay.until_health(lambda h: h["clients"] == 0, 15, "all clients gone")
+    await until(lambda: fd_settled(relay, baseline), 15, f"fds back to {baseline}")
     closed = relay.health()["closed"]
     assert closed["unresponsive"] >= 1  # the mute client
     assert sum(closed.values()) == 41
@@ -134,6 +139,14 @@ def low_nofile(limit: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     return apply
+
+
+def _clients_now(relay) -> int | None:
+    """Clients per /healthz, None while the relay has no descriptor to answer with."""
+    try:
+        return int(relay.health()["clients"])
+    except (OSError, AssertionError):
+        return None
 
 
 async def test_running_out_of_descriptors_degrades_and_recovers(relay_factory):
@@ -152,12 +165,12 @@ async def test_running_out_of_descriptors_degrades_and_recovers(relay_factory):
     assert len(established) < len(attempts)
     assert len(established) + len(first) < 48
     relay.emit("state_change", "fd", state="still-alive")
-    await asyncio.sleep(0.5)
-    for client in first:
-        assert client.events()[-1]["state"] == "still-alive"
+    await until(lambda: all(c.events() and c.events()[-1]["state"] == "still-alive" for c in first),
+                10, "the first clients to get the event")
     for client in established:
         client.transport.disconnect()
-    await asyncio.sleep(1.5)
+    # Descriptors come back as the relay sees those clients go.
+    await until(lambda: _clients_now(relay) == len(first), 15, "the extra clients gone")
     late = await asyncio.wait_for(picows_client(relay.url, expected=2), 10)
     relay.emit("state_change", "fd", state="recovered")
     await asyncio.wait_for(late.done, 10)
@@ -171,20 +184,19 @@ EMIT_FOREVER = textwrap.dedent("""
     import sys, time
     from fastrelay import Emitter
     e = Emitter(sys.argv[1])
-    worst = 0.0
     ok = fail = 0
     end = time.monotonic() + float(sys.argv[2])
     i = 0
     while time.monotonic() < end:
-        t = time.perf_counter()
         if e.emit("tick", "restart", seq=i):
             ok += 1
         else:
+            if not fail:
+                print("down", flush=True)  # the first event that met no relay
             fail += 1
-        worst = max(worst, time.perf_counter() - t)
         i += 1
         time.sleep(0.001)
-    print(ok, fail, f"{worst:.4f}")
+    print(ok, fail)
 """)
 
 
@@ -193,39 +205,53 @@ async def test_relay_restart_while_emitters_emit(relay_factory):
     emitters = [subprocess.Popen([sys.executable, "-c", EMIT_FOREVER, relay.socket_path, "4"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(2)]
-    await asyncio.sleep(1)
+    await relay.until_health(lambda h: h["events"]["accepted"] > 0, what="ticks before the stop")
     assert relay.stop() == 0
-    await asyncio.sleep(0.5)
+    # Down until every emitter has met the missing relay.
+    for proc in emitters:
+        assert await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 10) == "down\n"
     restarted = relay_factory.start(socket_path=relay.socket_path)
     ws = await connect(restarted.url)
     await recv_json(ws)
     events = await recv_events(ws, 20, timeout=10)
     assert all(e["type"] == "tick" for e in events)
     for proc in emitters:
-        out, err = proc.communicate(30)
+        out, err = await asyncio.to_thread(proc.communicate, timeout=30)
         assert proc.returncode == 0, err
-        ok, fail, worst = out.split()
+        ok, fail = out.split()
         assert int(ok) > 0 and int(fail) > 0  # some landed in the gap, none raised
-        assert float(worst) < 0.5  # a hang guard, not a benchmark
     await ws.close()
 
 
-async def test_watchdog_dumps_stacks_when_loop_blocks(relay_factory):
-    relay = relay_factory.start("--hang-threshold", "0.5", env={"FASTRELAY_TEST_HOOKS": "1"})
-    status, body, _ = relay.get("/_test/block?seconds=2")
-    assert status == 200
+def test_watchdog_dumps_stacks_when_loop_stalls(relay_factory):
+    # The loop is stalled from outside: its thread is stopped (tests/stall.py)
+    # while the watchdog thread runs on and must notice, once per stall.
+    relay = relay_factory.start("--hang-threshold", "0.5")
     emergency = relay.log_dir / "hang-emergency.log"
-    relay.wait_for(emergency.exists, 5, "hang-emergency.log")
+    try:
+        with stalled_loop(relay.pid):
+            relay.wait_for(emergency.exists, 10, "hang-emergency.log")
+            relay.wait_for(lambda: "event loop has not run for" in relay.log_text(), 10,
+                           "the critical line")
+    except StallUnavailable as exc:
+        pytest.skip(f"cannot stop one thread of the relay here: {exc}")
     text = emergency.read_text()
     assert "event loop stalled" in text
-    assert "(event loop)" in text
-    assert "time.sleep(seconds)" in text and "_route" in text
-    relay.wait_for(lambda: "event loop has not run for" in relay.log_text(), 5, "critical line")
+    assert f"pid {relay.pid}" in text
+    # Every thread's stack, the loop's marked: it was in the loop's run, waiting.
+    assert "--- thread MainThread" in text and "(event loop)" in text
+    assert "run_until_complete" in text
+    assert "--- thread fastrelay-watchdog" in text
+    # The loop runs again by itself, and one stall made one report.
+    assert relay.health()["status"] == "ok"
     critical = [line for line in relay.log_text().splitlines() if "CRITICAL" in line]
-    assert len(critical) == 1
+    assert len(critical) == 1, critical
+    assert text.count("event loop stalled") == 1
 
 
-def test_test_hooks_are_off_by_default(relay):
+def test_no_test_routes_in_the_relay(relay_factory):
+    # The blocking hook once enabled by FASTRELAY_TEST_HOOKS=1 is gone for good.
+    relay = relay_factory.start(env={"FASTRELAY_TEST_HOOKS": "1"})
     assert relay.get("/_test/block?seconds=0")[0] == 404
 
 
@@ -233,14 +259,12 @@ async def test_sigterm_closes_clients_with_1001_and_removes_socket(relay):
     clients = [await connect(relay.url) for _ in range(3)]
     for ws in clients:
         await recv_json(ws)
-    started = time.monotonic()
     relay.proc.send_signal(signal.SIGTERM)
     for ws in clients:
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
         assert ws.close_code == 1001
-    assert relay.proc.wait(5) == 0
-    assert time.monotonic() - started < 2
+    assert await asyncio.to_thread(relay.proc.wait, 10) == 0
     assert not os.path.exists(relay.socket_path)
 
 

@@ -102,7 +102,7 @@ async def test_registry_is_bounded(relay_factory):
     relay = relay_factory.start("--max-machines", "3")
     for i in range(5):
         relay.emit("state_change", f"m{i}", state="s")
-    relay.wait_accepted(5)
+    await relay.until_accepted(5)
     ids = [m["id"] for m in orjson.loads(relay.get("/api/machines")[1])]
     assert ids == ["m2", "m3", "m4"]
     metrics = relay.get("/metrics")[1].decode()

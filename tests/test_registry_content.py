@@ -20,7 +20,7 @@ async def test_deeply_nested_datagrams_are_refused_and_snapshots_survive(relay):
     for depth in (255, 300, 1024):
         relay.send(nested(depth))
     relay.emit("state_change", "plain", state="ok")
-    relay.wait_for(lambda: relay.health()["machines"] >= 2, what="the registry filled")
+    await relay.until_health(lambda h: h["machines"] >= 2, what="the registry filled")
 
     status, body, _ = relay.get("/api/machines")
     assert status == 200, body
