@@ -17,6 +17,7 @@ __all__ = [
     "RELAY_CPUS",
     "cpu_ns",
     "sched_ns",
+    "stat_ticks",
     "cpu_busy",
     "rss_kib",
     "hwm_kib",
@@ -95,6 +96,20 @@ def cpu_ns(pid: int) -> int:
         return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK
     except (OSError, ValueError, IndexError):
         return -1
+
+
+def stat_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of ``pid`` (all threads) in clock ticks from /proc/PID/stat; (-1, -1) if gone.
+
+    The only user/system split the kernel gives per process; a tick is
+    1/CLK_TCK s (10 ms here), so a window needs hundreds of them to be useful.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]), int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return -1, -1
 
 
 def _status_field(pid: int, name: str) -> int:

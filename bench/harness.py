@@ -5,10 +5,14 @@ Run from the repository root::
     python -m bench.harness                                   # everything, ~15 min
     python -m bench.harness --only fanout-100 --repeats 1     # one scenario
     python -m bench.harness --contenders original,websockets --markdown bench/results.md
+    python -m bench.harness --preset issue10 --previous "$(bash bench/previous.sh)"   # ~10 min
 
 Contenders: ``fastrelay-cython`` and ``fastrelay-python`` (``python -m
 fastrelay serve --backend ...``), ``original`` (bench/peers/original.py) and
-``websockets`` (bench/peers/websockets_peer.py). Each runs as a subprocess
+``websockets`` (bench/peers/websockets_peer.py); ``fastrelay-prev-cython`` and
+``fastrelay-prev-python`` run a previous release installed in its own venv
+(bench/previous.sh, ``--previous PYTHON``). Any contender takes extra options
+of its own: ``fastrelay-cython[--write-delay=0.005]``. Each runs as a subprocess
 pinned to CPU 0; emitters (bench/loadgen.py), client processes
 (bench/clients.py, picows) and this harness run on CPU 1. Every contender gets
 the same flags (port, socket, ping interval) and its own defaults otherwise.
@@ -32,7 +36,9 @@ after a warm-up, and probe connections parse every event for seq gaps and
 latency. Relay CPU is the sum of its threads' schedstat run time (ns) over the
 window; RSS is VmRSS. Each run also measures the load generator's own CPU
 (clients + emitters, all on CPU 1) and flags which side was the limit.
-Figures are medians of ``--repeats`` runs.
+Figures are medians of ``--repeats`` runs (``--interleave``: in rounds, every
+contender once per round). Relay user CPU is utime from /proc/PID/stat, in
+clock ticks, so it needs long windows (``--latency-duration``).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (
+    CLK_TCK,
     LOAD_CPUS,
     RELAY_CPUS,
     EventTemplate,
@@ -68,8 +75,21 @@ from bench.common import (
     pinned,
     raise_nofile,
     sched_ns,
+    stat_ticks,
 )
-from bench.procs import CONTENDERS, PY, ROOT, ClientSet, Relay, spawn_emitters, split_contender
+from bench.procs import (
+    CONTENDERS,
+    DEFAULT_CONTENDERS,
+    INSTALLS,
+    PY,
+    ROOT,
+    ClientSet,
+    Relay,
+    install_python,
+    isolated,
+    spawn_emitters,
+    split_contender,
+)
 
 __all__ = ["main"]
 
@@ -86,6 +106,9 @@ SCENARIOS = [
     "floor",
 ]
 SATURATED = 0.85  # share of one core above which a side counts as the limit
+# Relay core busy beyond the relay's own CPU by this many points: other work ran there.
+FOREIGN_PCT = 20.0
+Runs = list[tuple[str, list[dict[str, Any]]]]  # (table key, the runs for it)
 
 
 def log(msg: str) -> None:
@@ -130,6 +153,8 @@ class Bench:
         self.results: list[dict[str, Any]] = []
         self.relay_info: dict[str, dict[str, Any]] = {}
         self.frame_bytes: int | None = None
+        # Interleaved runs not yet recorded, by (table key, contender): saved with --json too.
+        self.pending: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     # -- helpers -------------------------------------------------------------
     def start_relay(self, name: str) -> Relay:
@@ -138,6 +163,10 @@ class Bench:
         info = self.relay_info.setdefault(name, {})
         info.setdefault("startup", relay.startup_line)
         info.setdefault("healthz", relay.health)
+        if relay.install_info:
+            if "install" not in info and relay.install_info.get("stale"):
+                log(f"WARNING {name}: {relay.install_info['stale']}")
+            info.setdefault("install", relay.install_info)
         return relay
 
     def stream_run(
@@ -150,6 +179,7 @@ class Bench:
         duration: float,
         warmup: float,
         extra_pids: list[int] | None = None,
+        jitter: float = 0.0,
     ) -> dict[str, Any]:
         """One measured run: emitters at ``rate`` total (0 = max) for warm-up + duration."""
         self.run_no += 1
@@ -158,15 +188,19 @@ class Bench:
         t0 = start + warmup
         t1 = t0 + duration
         conns_at_start = cset.arm(t0, t1)
-        procs = spawn_emitters(relay.socket, ids, rate / emitters if rate else 0.0, start, t1, (t0, t1), size)
+        procs = spawn_emitters(
+            relay.socket, ids, rate / emitters if rate else 0.0, start, t1, (t0, t1), size, jitter
+        )
         load_pids = cset.pids + [p.pid for p in procs] + (extra_pids or [])
         sleep_until(t0)
         r0 = sched_ns(relay.pid)
+        t0_ticks = stat_ticks(relay.pid)
         l0 = {pid: cpu_ns(pid) for pid in load_pids}
         c0 = cpu_busy()
         w0 = time.perf_counter_ns()
         sleep_until(t1)
         r1 = sched_ns(relay.pid)
+        t1_ticks = stat_ticks(relay.pid)
         l1 = {pid: cpu_ns(pid) for pid in load_pids}
         c1 = cpu_busy()
         w1 = time.perf_counter_ns()
@@ -203,6 +237,8 @@ class Bench:
         window_s = (w1 - w0) / 1e9
         relay_cpu = (r1[0] - r0[0]) / 1e9
         relay_wait = (r1[1] - r0[1]) / 1e9
+        user_ticks = t1_ticks[0] - t0_ticks[0] if min(t0_ticks + t1_ticks) >= 0 else None
+        sys_ticks = t1_ticks[1] - t0_ticks[1] if min(t0_ticks + t1_ticks) >= 0 else None
         load_cpu = sum(max(0, l1[p] - l0[p]) for p in load_pids if l0[p] >= 0 and l1[p] >= 0) / 1e9
         accepted_w = sum(e.get("sent_window", 0) for e in em_results)
         deliveries_w = st["window"]
@@ -246,6 +282,8 @@ class Bench:
             "target_eps": target_rate or None,
             "accepted_eps": accepted_w / window_s,
             "deliveries_ps": deliveries_w / window_s,
+            "deliveries": deliveries_w,
+            "window_s": window_s,
             "loss_probe": probe_lost / probe_expected if probe_expected else None,
             "loss_all": 1 - st["events"] / expected_all if expected_all else None,
             "dups": sum(v[2] for v in st["probe_per_emitter"].values()),
@@ -255,6 +293,15 @@ class Bench:
             "lat_samples": len(lat),
             "relay_us_per_delivery": relay_cpu * 1e6 / deliveries_w if deliveries_w else None,
             "relay_us_per_event": relay_cpu * 1e6 / accepted_w if accepted_w else None,
+            # utime/stime from /proc/PID/stat: clock ticks (1/CLK_TCK s), so coarse.
+            "relay_user_ticks": user_ticks,
+            "relay_sys_ticks": sys_ticks,
+            "relay_user_us_per_delivery": (
+                user_ticks * 1e6 / CLK_TCK / deliveries_w if deliveries_w and user_ticks is not None else None
+            ),
+            "relay_sys_us_per_delivery": (
+                sys_ticks * 1e6 / CLK_TCK / deliveries_w if deliveries_w and sys_ticks is not None else None
+            ),
             "relay_cpu_pct": 100 * relay_frac,
             "relay_wait_pct": 100 * relay_wait / window_s,
             "relay_core_pct": 100 * relay_core,
@@ -300,7 +347,13 @@ class Bench:
         if self.args.json:
             with open(self.args.json, "w") as f:
                 json.dump(
-                    {"conditions": self.conditions(), "results": self.results},
+                    {
+                        "conditions": self.conditions(),
+                        "results": self.results,
+                        "pending": [
+                            {"scenario": k, "contender": c, "runs": v} for (k, c), v in self.pending.items()
+                        ],
+                    },
                     f,
                     indent=1,
                     default=str,
@@ -315,13 +368,13 @@ class Bench:
             return "all"
         return 1
 
-    def fanout(self, contender: str, n: int) -> None:
+    def fanout(self, contender: str, n: int, repeats: int) -> Runs:
         a = self.args
         relay = self.start_relay(contender)
         base_kib = relay.rss_kib()
         runs: dict[str, list[dict[str, Any]]] = {"max": [], "fixed": []}
         try:
-            for _rep in range(a.repeats):
+            for _rep in range(repeats):
                 for mode in ("fixed", "max"):
                     # Fresh clients for every run: at max rate a relay that bounds
                     # its buffers closes clients that fall behind, and clients still
@@ -342,31 +395,41 @@ class Bench:
                     runs[mode].append(r)
         finally:
             relay.stop()
-        for mode in ("max", "fixed"):
-            self.record(f"fanout-{n} {mode}", contender, runs[mode])
+        return [(f"fanout-{n} {mode}", runs[mode]) for mode in ("max", "fixed")]
 
-    def latency(self, contender: str) -> None:
+    def latency(self, contender: str, repeats: int) -> Runs:
         a = self.args
         relay = self.start_relay(contender)
         cset = ClientSet(a.latency_clients, a.per_proc)
         runs = []
         try:
-            for _rep in range(a.repeats):
+            for _rep in range(repeats):
                 cset.quiesce()
                 cset.connect(relay.url, "all")
-                runs.append(self.stream_run(relay, cset, a.latency_rate, 1, a.size, a.duration, a.warmup))
+                runs.append(
+                    self.stream_run(
+                        relay,
+                        cset,
+                        a.latency_rate,
+                        1,
+                        a.size,
+                        a.latency_duration or a.duration,
+                        a.warmup,
+                        jitter=a.latency_jitter,
+                    )
+                )
         finally:
             cset.close()
             relay.stop()
-        self.record("latency", contender, runs)
+        return [("latency", runs)]
 
-    def ingest(self, contender: str) -> None:
+    def ingest(self, contender: str, repeats: int) -> Runs:
         a = self.args
         relay = self.start_relay(contender)
         cset = ClientSet(1, a.per_proc)
         runs = []
         try:
-            for _rep in range(a.repeats):
+            for _rep in range(repeats):
                 # The client only counts: parsing every event would make it the limit sooner.
                 cset.quiesce()
                 cset.connect(relay.url, 0)
@@ -376,14 +439,14 @@ class Bench:
         finally:
             cset.close()
             relay.stop()
-        self.record("ingest", contender, runs)
+        return [("ingest", runs)]
 
-    def c10k(self, contender: str, want_idle: bool, want_one: bool) -> None:
+    def c10k(self, contender: str, want_idle: bool, want_one: bool, repeats: int) -> Runs:
         a = self.args
         n = a.c10k_clients
         idle_runs = []
         one_runs: list[dict[str, Any]] = []
-        for _rep in range(a.repeats if want_idle else 1):
+        for _rep in range(repeats if want_idle else 1):
             relay = self.start_relay(contender)
             cset = ClientSet(n, a.per_proc)
             try:
@@ -409,10 +472,12 @@ class Bench:
             finally:
                 cset.close()
                 relay.stop()
+        out = []
         if want_idle:
-            self.record("idle10k", contender, idle_runs)
+            out.append(("idle10k", idle_runs))
         if want_one:
-            self.record("one10k", contender, one_runs)
+            out.append(("one10k", one_runs))
+        return out
 
     def one_event(self, relay: Relay, cset: ClientSet, connected: int) -> list[dict[str, Any]]:
         a = self.args
@@ -450,11 +515,11 @@ class Bench:
         sock.close()
         return runs
 
-    def slow(self, contender: str) -> None:
+    def slow(self, contender: str, repeats: int) -> Runs:
         a = self.args
         without: list[dict[str, Any]] = []
         with_: list[dict[str, Any]] = []
-        for _rep in range(a.repeats):
+        for _rep in range(repeats):
             relay = self.start_relay(contender)
             cset = ClientSet(a.slow_clients, a.per_proc)
             stall: ClientSet | None = None
@@ -492,8 +557,7 @@ class Bench:
                 if stall is not None:
                     stall.close()
                 relay.stop()
-        self.record("slow without", contender, without)
-        self.record("slow with", contender, with_)
+        return [("slow without", without), ("slow with", with_)]
 
     def floor(self) -> None:
         a = self.args
@@ -523,6 +587,28 @@ class Bench:
             runs.append(json.loads(out.stdout.decode().strip().splitlines()[-1]))
         self.record("floor", "python loop", runs)
 
+    def scenario(self, sc: str, contender: str, scenarios: list[str], repeats: int, first: bool) -> Runs:
+        """Run scenario ``sc`` on ``contender`` ``repeats`` times: [(table key, runs)].
+
+        ``first`` is False for the later rounds of an interleaved run: one10k,
+        which runs once whatever --repeats says, is then skipped.
+        """
+        if sc.startswith("fanout-"):
+            return self.fanout(contender, int(sc.split("-")[1]), repeats)
+        if sc == "latency":
+            return self.latency(contender, repeats)
+        if sc == "ingest":
+            return self.ingest(contender, repeats)
+        if sc == "idle10k":
+            return self.c10k(contender, True, first and "one10k" in scenarios, repeats)
+        if sc == "one10k":
+            if "idle10k" not in scenarios and first:
+                return self.c10k(contender, False, True, repeats)
+            return []
+        if sc == "slow":
+            return self.slow(contender, repeats)
+        return []
+
     # -- conditions ----------------------------------------------------------
     def conditions(self) -> dict[str, Any]:
         a = self.args
@@ -538,6 +624,9 @@ class Bench:
             "duration_s": a.duration,
             "warmup_s": a.warmup,
             "repeats": a.repeats,
+            "interleave": a.interleave,
+            "latency_duration_s": a.latency_duration,
+            "latency_jitter_s": a.latency_jitter,
             "ping_interval_s": a.ping_interval,
             "fixed_rates": {n: self.fixed_rate(n) for n in (1, 10, 100, 1000)},
             "versions": versions(),
@@ -568,6 +657,7 @@ def summary(m: dict[str, Any]) -> str:
         ("lat_p50_ms", "p50={:.2f}ms"),
         ("lat_p99_ms", "p99={:.2f}ms"),
         ("relay_us_per_delivery", "us/dl={:.2f}"),
+        ("relay_user_us_per_delivery", "user_us/dl={:.2f}"),
         ("relay_cpu_pct", "relay={:.0f}%"),
         ("relay_wait_pct", "wait={:.0f}%"),
         ("load_core_pct", "loadcore={:.0f}%"),
@@ -645,10 +735,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def fastrelay_available() -> tuple[bool, str]:
+def fastrelay_available(install: str = "this") -> tuple[bool, str]:
+    py = install_python(install)
+    iso = isolated(install)
     try:
         r = subprocess.run(
-            [PY, "-m", "fastrelay", "serve", "--help"], capture_output=True, cwd=ROOT, timeout=60
+            [py, "-m", "fastrelay", "serve", "--help"],
+            capture_output=True,
+            cwd=tempfile.gettempdir() if iso else ROOT,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"} if iso else None,
+            timeout=60,
         )
     except subprocess.TimeoutExpired:
         return False, "`python -m fastrelay serve --help` timed out"
@@ -691,6 +787,7 @@ STREAM_COLS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("max ms", "", lambda m: fmt(m.get("lat_max_ms"), ".1f")),
     ("relay µs/delivery", "", lambda m: fmt(m.get("relay_us_per_delivery"), ".2f")),
     ("relay µs/event", "", lambda m: fmt(m.get("relay_us_per_event"), ".1f")),
+    ("relay user µs/delivery", "", lambda m: fmt(m.get("relay_user_us_per_delivery"), ".2f")),
     ("relay CPU", "", lambda m: fmt(m.get("relay_cpu_pct"), ".0f") + "%"),
     ("relay wait", "", lambda m: fmt(m.get("relay_wait_pct"), ".0f") + "%"),
     ("RSS MiB", "", lambda m: mib(m.get("rss_mib"))),
@@ -777,6 +874,115 @@ it) or `open` (still open).
 """
 
 
+def _runs(bench: Bench, scenario: str, contender: str) -> list[dict[str, Any]] | None:
+    for r in bench.results:
+        if r["scenario"] == scenario and r["contender"] == contender:
+            return list(r["runs"])
+    return None
+
+
+def comparison(bench: Bench) -> list[str]:
+    """The before/after table (issue 10): empty unless PREV and THIS of --compare both ran.
+
+    Every figure is the median over the runs; *ratio* = subject / against, of
+    the medians; *per run* gives that ratio run by run (round by round when the
+    run was interleaved): how far noise alone moves it.
+    """
+    names = [c.strip() for c in bench.args.compare.split(",")] + ["", "", "", ""]
+    prev, this, this_py, peer = names[:4]
+    ran = {r["contender"] for r in bench.results}
+    if prev not in ran or this not in ran:
+        return []
+
+    def label(scenario: str) -> str:
+        runs = _runs(bench, scenario, this) or _runs(bench, scenario, prev) or []
+        m = runs[0] if runs else {}
+        n = m.get("clients")
+        rate = m.get("target_eps")
+        if not n:
+            return scenario
+        if scenario in ("idle10k", "one10k"):
+            return f"{scenario}, {n:,} clients"
+        return f"{scenario}, {f'{rate:,.0f} ev/s' if rate else 'max rate'} × {n}"
+
+    lines = [
+        "| check | subject | against | ratio | target | verdict | per run | notes |",
+        "|---|---|---|---:|---|---|---|---|",
+    ]
+
+    def row(
+        what: str, scenario: str, key: str, subj: str, base: str, target: float | None, spec: str
+    ) -> None:
+        a = _runs(bench, scenario, subj) or []
+        b = _runs(bench, scenario, base) or []
+        va = median(r.get(key) for r in a)
+        vb = median(r.get(key) for r in b)
+        ratio = va / vb if va is not None and vb else None
+        per = []
+        for ra, rb in zip(a, b, strict=False):
+            x, y = ra.get(key), rb.get(key)
+            if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
+                per.append(f"{x / y:.2f}")
+        notes = []
+        foreign = max(
+            (r["relay_core_pct"] - r["relay_cpu_pct"] for r in a + b if r.get("relay_core_pct") is not None),
+            default=0.0,
+        )
+        if foreign >= FOREIGN_PCT:
+            notes.append(f"relay's CPU busy with other work in a run: up to {foreign:.0f}%")
+        for name, runs in ((subj, a), (base, b)):
+            limits = sorted({str(r.get("limit")) for r in runs if r.get("limit") not in (None, "-")})
+            if limits:
+                notes.append(f"{name}: limit {'/'.join(limits)}")
+            if key.startswith("relay_user"):
+                ticks = median(r.get("relay_user_ticks") for r in runs)
+                if ticks is not None:
+                    notes.append(f"{name}: {ticks:.0f} ticks/run")
+        if key == "relay_user_us_per_delivery":
+            pooled = []
+            for runs in (a, b):
+                ticks_all = sum(r.get("relay_user_ticks") or 0 for r in runs)
+                pooled.append(ticks_all / max(1, sum(r.get("deliveries", 0) for r in runs)))
+            if pooled[1]:
+                notes.append(f"pooled over all runs (ticks / deliveries): {pooled[0] / pooled[1]:.3f}")
+        if target is None:
+            verdict, tgt = "reported", "–"
+        else:
+            tgt = f"≤ {target:.2f}"
+            verdict = "no data" if ratio is None else ("ok" if ratio <= target else "**NO**")
+        lines.append(
+            f"| {what} ({label(scenario)}) | {subj} {fmt(va, spec)} | {base} {fmt(vb, spec)} | "
+            f"{fmt(ratio, '.3f')} | {tgt} | {verdict} | {', '.join(per) or '–'} | {'; '.join(notes)} |"
+        )
+
+    us = "relay_us_per_delivery"
+    within = 1.05
+    row("relay µs/delivery", "latency", us, this, prev, within, ".2f")
+    row("relay µs/delivery", "fanout-10 fixed", us, this, prev, within, ".2f")
+    row("relay µs/delivery", "fanout-100 max", us, this, prev, within, ".2f")
+    row("idle KiB/client", "idle10k", "kib_per_client", this, prev, within, ".2f")
+    if peer in ran:
+        for subj in (this, prev):  # prev's rows: what "before" met, and the noise
+            row("p50 latency ms", "fanout-10 fixed", "lat_p50_ms", subj, peer, 1.0, ".3f")
+            row("p99 latency ms", "fanout-10 fixed", "lat_p99_ms", subj, peer, 1.0, ".3f")
+            row("relay µs/delivery", "fanout-10 fixed", us, subj, peer, 0.5, ".2f")
+    if this_py in ran:
+        row("relay user µs/delivery, cython/python", "latency", "relay_user_us_per_delivery",
+            this, this_py, None, ".2f")
+        row("relay µs/delivery, all CPU, cython/python", "latency", us, this, this_py, None, ".2f")
+    return lines
+
+
+COMPARISON_HELP = """
+Each row: the subject's median over the runs, the one it is held against, ratio = subject / against
+(lower is better for every figure here), the target, and the verdict; *per run* = the same ratio run by
+run (round by round in an interleaved run), which shows how much of the ratio is noise; *notes* = a limit
+flag other than `-` (see below) and, for user CPU, the 10 ms clock ticks counted per run (its resolution).
+Relay µs/delivery = all relay CPU (schedstat, ns) in the window / deliveries; user µs/delivery = utime
+from /proc/PID/stat over the same window / deliveries.
+"""
+
+
 def markdown(bench: Bench, notes: list[str]) -> str:
     cond = bench.conditions()
     out = ["# fastrelay benchmark results", ""]
@@ -791,10 +997,14 @@ def markdown(bench: Bench, notes: list[str]) -> str:
         "(`state_change`, relayed with `previous_state` added); "
         f"slow-client scenario: ~{cond['slow_event_bytes']} bytes"
     )
+    lat_w = cond["latency_duration_s"]
+    jit = cond["latency_jitter_s"]
+    inter = " (interleaved: each round runs every contender once, rotated)" if cond["interleave"] else ""
     out.append(
         f"- window {cond['duration_s']} s after {cond['warmup_s']} s warm-up; "
-        f"median of {cond['repeats']} repeats; "
-        f"ping interval {cond['ping_interval_s']} s"
+        + (f"latency scenario's window {lat_w} s; " if lat_w else "")
+        + (f"latency events each delayed by a random 0–{jit * 1e3:g} ms; " if jit else "")
+        + f"median of {cond['repeats']} repeats{inter}; ping interval {cond['ping_interval_s']} s"
     )
     out.append(
         "- fixed rates (events/s) by clients: "
@@ -805,17 +1015,34 @@ def markdown(bench: Bench, notes: list[str]) -> str:
         h = info.get("healthz", {})
         extra = ", ".join(f"{k}={h[k]}" for k in ("backend", "loop") if k in h)
         out.append(f"- {name}: `{info.get('startup', '')}`" + (f" (healthz: {extra})" if extra else ""))
+        inst = info.get("install")
+        if inst:
+            core = ", ".join(inst.get("core_mapped") or []) or "no compiled core mapped"
+            out.append(
+                f"  - runs `{inst['python']}`, fastrelay {inst['version']} from `{inst['fastrelay']}`; {core}"
+            )
+            if inst.get("stale"):
+                out.append(f"  - **warning**: {inst['stale']}")
     for note in notes:
         out.append(f"- note: {note}")
     out.append("")
+    cmp = comparison(bench)
+    if cmp:
+        out.append("## Before and after (issue 10)")
+        out.append("")
+        out.append(" ".join(COMPARISON_HELP.split()))
+        out.append("")
+        out += cmp
+        out.append("")
     out.append(" ".join(COLUMNS_HELP.split()).replace("{SAT}", f"{SATURATED:.0%}"))
     out.append("")
+    a = bench.args
     groups: list[tuple[str, str, list[tuple[str, str, Callable[[dict[str, Any]], str]]]]] = []
     for n in (1, 10, 100, 1000):
         groups.append((f"fanout-{n} max", f"Fan-out to {n} client(s), max rate", STREAM_COLS))
         groups.append((f"fanout-{n} fixed", f"Fan-out to {n} client(s), fixed rate", STREAM_COLS))
     groups += [
-        ("latency", "Latency: 100 events/s to 50 clients", STREAM_COLS),
+        ("latency", f"Latency: {a.latency_rate:,.0f} events/s to {a.latency_clients} clients", STREAM_COLS),
         ("ingest", "Ingest: max rate, one client", STREAM_COLS),
         ("idle10k", "Idle memory with 10,000 clients", IDLE_COLS),
         ("one10k", "One event to 10,000 clients (times from `sent_at`)", ONE_COLS),
@@ -837,6 +1064,22 @@ def markdown(bench: Bench, notes: list[str]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+# Named settings for a whole run; any option given on the command line wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Issue 10's acceptance line: the previous release (--previous) against this
+    # tree, cython backend; this tree's python backend for the user-CPU ratio;
+    # the websockets peer for latency and CPU per delivery at 2,000 ev/s x 10.
+    "issue10": {
+        "contenders": "fastrelay-prev-cython,fastrelay-cython,fastrelay-python,websockets",
+        "only": "latency,fanout-10,fanout-100,idle10k",
+        "latency_duration": 20.0,
+        "latency_jitter": 0.008,
+        "repeats": 3,
+        "interleave": True,
+    },
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.harness",
@@ -845,8 +1088,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--contenders",
-        default=",".join(CONTENDERS),
-        help="comma-separated: " + ", ".join(CONTENDERS),
+        default=",".join(DEFAULT_CONTENDERS),
+        help="comma-separated, each optionally with its own extra options in brackets "
+        "(fastrelay-cython[--write-delay=0.005]): " + ", ".join(CONTENDERS)
+        + f"; default {','.join(DEFAULT_CONTENDERS)}",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="",
+        help="named settings: issue10 = "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in PRESETS["issue10"].items()
+        )
+        + " (needs --previous); options given as well win",
+    )
+    p.add_argument(
+        "--previous",
+        default="",
+        metavar="PYTHON",
+        help="interpreter of the previous release's venv, for fastrelay-prev-*: "
+        '--previous "$(bash bench/previous.sh)"',
+    )
+    p.add_argument(
+        "--this-python",
+        default="",
+        metavar="PYTHON",
+        help="run fastrelay-cython/-python with this interpreter (an installed copy, e.g. a clean "
+        "clone in its own venv) instead of this source tree",
+    )
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run every contender once per round, --repeats rounds, rotating their order "
+        "(a fresh relay for every run), instead of all repeats of one contender in a row",
+    )
+    p.add_argument(
+        "--compare",
+        default="fastrelay-prev-cython,fastrelay-cython,fastrelay-python,websockets",
+        metavar="PREV,THIS,THIS_PYTHON,PEER",
+        help="contenders of the before/after comparison table (printed when PREV and THIS ran)",
     )
     p.add_argument(
         "--only", default="", help="comma-separated scenarios or prefixes: " + ", ".join(SCENARIOS)
@@ -871,6 +1153,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-budget", type=float, default=25000, help="all connections are probes below this")
     p.add_argument("--latency-rate", type=float, default=100)
     p.add_argument("--latency-clients", type=int, default=50)
+    p.add_argument(
+        "--latency-duration",
+        type=float,
+        default=0.0,
+        help="latency scenario's window, s (default --duration); user CPU counts 10 ms ticks, "
+        "so the user-CPU ratio needs a long one",
+    )
+    p.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=0.0,
+        help="latency scenario: delay each event by a random 0..S s off the 1/rate grid, so the "
+        "kernel's periodic tick samples the relay's user/system split at random points of its work",
+    )
     p.add_argument("--ingest-emitters", type=int, default=2)
     p.add_argument("--c10k-clients", type=int, default=10000)
     p.add_argument("--connect-timeout", type=float, default=180)
@@ -888,7 +1184,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--markdown", default="", help="write the markdown report here (always printed to stdout)")
     p.add_argument("--json", default="", help="write raw results (every run) here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    return args
 
 
 def selected(only: str) -> list[str]:
@@ -900,6 +1200,11 @@ def selected(only: str) -> list[str]:
     if unknown:
         raise SystemExit(f"error: unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     return out
+
+
+def install_of(contender: str) -> str | None:
+    """"this" or "prev" for a fastrelay contender, None for a peer."""
+    return getattr(CONTENDERS[split_contender(contender)[0]], "install", None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -914,18 +1219,37 @@ def main(argv: list[str] | None = None) -> int:
     for c in contenders:
         if split_contender(c)[0] not in CONTENDERS:
             raise SystemExit(f"error: unknown contender {c}; choose from {', '.join(CONTENDERS)}")
+    if len(set(contenders)) != len(contenders):
+        raise SystemExit("error: a contender is named twice (results are keyed by name)")
     if shutil.which("taskset") is None:
         raise SystemExit(
             "error: taskset not found (util-linux); it pins the relay and the load to separate CPUs"
         )
+    INSTALLS["prev"] = args.previous or None
+    INSTALLS["this"] = args.this_python or None
+    needs_prev = [c for c in contenders if install_of(c) == "prev"]
+    if needs_prev and not args.previous:
+        raise SystemExit(
+            f"error: {', '.join(needs_prev)} need(s) --previous PYTHON; build it with "
+            'bash bench/previous.sh and pass --previous "$(bash bench/previous.sh)"'
+        )
+    for flag, py in (("--previous", args.previous), ("--this-python", args.this_python)):
+        if py and not os.access(py, os.X_OK):
+            raise SystemExit(f"error: {flag} {py}: not an executable")
     notes: list[str] = []
-    if any(c.startswith("fastrelay") for c in contenders):
-        ok, why = fastrelay_available()
+    for install in ("this", "prev"):
+        mine = [c for c in contenders if install_of(c) == install]
+        if not mine:
+            continue
+        ok, why = fastrelay_available(install)
         if not ok:
-            msg = f"fastrelay skipped: `python -m fastrelay serve` is not available ({why})"
+            msg = (
+                f"{', '.join(mine)} skipped: `{install_python(install)} -m fastrelay serve` "
+                f"is not available ({why})"
+            )
             log(msg)
             notes.append(msg)
-            contenders = [c for c in contenders if not c.startswith("fastrelay")]
+            contenders = [c for c in contenders if c not in mine]
     bench = Bench(args)
     notes.append(f"background load at start: {background_load()}")
     t_start = time.time()
@@ -940,31 +1264,51 @@ def main(argv: list[str] | None = None) -> int:
                 log(msg)
                 notes.append(msg)
                 contenders.remove(contender)
+    if args.preset:
+        missing = [c for c in PRESETS[args.preset]["contenders"].split(",") if c not in contenders]
+        if missing:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
+            raise SystemExit(f"error: preset {args.preset}: {', '.join(missing)} cannot run (see above)")
+    pending = bench.pending
+
+    def run(sc: str, contender: str, repeats: int, first: bool) -> None:
+        try:
+            for key, runs in bench.scenario(sc, contender, scenarios, repeats, first):
+                if args.interleave:
+                    pending.setdefault((key, contender), []).extend(runs)
+                    bench.save()
+                    for r in runs:
+                        log(f"  {key:<18} {contender:<17} {summary(r)}")
+                else:
+                    bench.record(key, contender, runs)
+        except Exception as exc:  # noqa: BLE001 - one failure must not lose the other results
+            msg = f"{sc} on {contender} failed: {type(exc).__name__}: {exc}"
+            log(msg)
+            notes.append(msg.splitlines()[0][:300])
+
     try:
         if "floor" in scenarios:
             log("floor")
             bench.floor()
-        for contender in contenders:
-            log(f"== {contender}")
-            for sc in scenarios:
-                try:
-                    if sc.startswith("fanout-"):
-                        bench.fanout(contender, int(sc.split("-")[1]))
-                    elif sc == "latency":
-                        bench.latency(contender)
-                    elif sc == "ingest":
-                        bench.ingest(contender)
-                    elif sc == "idle10k":
-                        bench.c10k(contender, True, "one10k" in scenarios)
-                    elif sc == "one10k":
-                        if "idle10k" not in scenarios:
-                            bench.c10k(contender, False, True)
-                    elif sc == "slow":
-                        bench.slow(contender)
-                except Exception as exc:  # noqa: BLE001 - one failure must not lose the other results
-                    msg = f"{sc} on {contender} failed: {type(exc).__name__}: {exc}"
-                    log(msg)
-                    notes.append(msg.splitlines()[0][:300])
+        if args.interleave:
+            # Round r runs every scenario once on every contender, the contender
+            # order rotated each round: drift on this shared machine hits all alike.
+            for rnd in range(args.repeats):
+                k = rnd % len(contenders) if contenders else 0
+                order = contenders[k:] + contenders[:k]
+                log(f"== round {rnd + 1}/{args.repeats}: {', '.join(order)}")
+                for sc in relay_scenarios:
+                    for contender in order:
+                        run(sc, contender, 1, rnd == 0)
+            for key in dict.fromkeys(k for k, _ in pending):
+                for contender in contenders:
+                    if (key, contender) in pending:
+                        bench.record(key, contender, pending.pop((key, contender)))
+        else:
+            for contender in contenders:
+                log(f"== {contender}")
+                for sc in relay_scenarios:
+                    run(sc, contender, args.repeats, True)
     finally:
         shutil.rmtree(bench.workdir, ignore_errors=True)
     notes.append(f"background load at end: {background_load()}")

@@ -3,6 +3,12 @@
 ``python -m bench.loadgen --socket PATH --emitter ID --rate R --start-at T --stop-at T
 [--window T0 T1] [--size 200]`` prints one JSON line when done.
 
+``--jitter S`` (fixed rate only) sends event ``seq`` at a uniformly random
+point of ``[start + seq / rate, start + seq / rate + S)`` instead of exactly on
+the grid: an exactly periodic relay is sampled by the kernel's periodic tick
+always at the same point of its work, which makes the user/system split of
+/proc/PID/stat (tick-sampled) wrong by far more than its resolution.
+
 ``--rate 0`` is max rate. Both modes use a connected, non-blocking socket and on
 EAGAIN (the kernel queues only ``net.unix.max_dgram_qlen`` datagrams, 10 on this
 host) wait for POLLOUT, counting each such wait as a stall: the stall count and
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import random
 import select
 import socket
 import sys
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, nargs=2, default=(0.0, 0.0))
     p.add_argument("--size", type=int, default=200)
     p.add_argument("--machines", type=int, default=16)
+    p.add_argument("--jitter", type=float, default=0.0, help="fixed rate: random delay of each send, 0..S s")
     args = p.parse_args(argv)
 
     build = EventTemplate(args.emitter, args.size, args.machines).builder()
@@ -76,11 +84,21 @@ def main(argv: list[str] | None = None) -> int:
     cpu0 = time.process_time()
     rate = args.rate
     interval_ns = int(1e9 / rate) if rate > 0 else 0
+    jitter_ns = int(args.jitter * 1e9) if interval_ns else 0
+    rng = random.Random(args.emitter)
     t_start = time_ns()
     now = t_start
     gave_up = False
+    next_ns = t_start + (int(rng.random() * jitter_ns) if jitter_ns else 0)
     while now < stop_ns:
-        if interval_ns:
+        if jitter_ns:
+            if now < next_ns:
+                time.sleep(max(0.0, (next_ns - time_ns()) / 1e9))
+                now = time_ns()
+                continue
+            burst = 1
+            next_ns = t_start + (seq + 1) * interval_ns + int(rng.random() * jitter_ns)
+        elif interval_ns:
             due = (now - t_start) // interval_ns + 1
             if seq >= due:
                 next_ns = t_start + seq * interval_ns
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "elapsed_s": (t_end - t_start) / 1e9,
             "cpu_s": time.process_time() - cpu0,
             "target_rate": rate,
+            "jitter_s": jitter_ns / 1e9,
             "size": len(build(seq, t_end)),
         }
     )

@@ -18,8 +18,9 @@ from typing import Any
 from bench.common import LOAD_CPUS, RELAY_CPUS, child_setup, cpu_ns, hwm_kib, pinned, rss_kib
 
 __all__ = [
-    "ROOT", "CONTENDERS", "Relay", "split_contender", "ClientProc", "ClientSet", "spawn_emitters",
-    "free_port",
+    "ROOT", "CONTENDERS", "DEFAULT_CONTENDERS", "INSTALLS", "Relay", "install_python", "isolated",
+    "probe_install", "mapped_cores", "clean_env", "split_contender", "ClientProc", "ClientSet",
+    "spawn_emitters", "free_port",
 ]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,10 +33,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _fastrelay(backend: str) -> Any:
+# Where each fastrelay install lives. "this" is the harness's own interpreter
+# run from the repository root (the working tree, installed editable) unless
+# the harness is given --this-python; "prev" is the previous release in its own
+# venv (bench/previous.sh), set by --previous. A relay run from another
+# interpreter starts in its own scratch directory without PYTHONPATH, so it
+# imports that interpreter's installed copy and never this source tree.
+INSTALLS: dict[str, str | None] = {"this": None, "prev": None}
+
+
+def install_python(install: str) -> str:
+    py = INSTALLS.get(install)
+    if install == "this":
+        return py or PY
+    if not py:
+        raise RuntimeError(
+            f"the {install!r} fastrelay install is not set: pass --previous PYTHON "
+            "(PYTHON=$(bash bench/previous.sh))"
+        )
+    return py
+
+
+def isolated(install: str) -> bool:
+    """True when ``install`` runs outside this source tree (its own interpreter)."""
+    return install != "this" or bool(INSTALLS.get("this"))
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for an interpreter that must not see this source tree."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSAFEPATH")}
+
+
+def _fastrelay(backend: str, install: str = "this") -> Any:
     def cmd(port: int, sock: str, ping: float, log_dir: str) -> list[str]:
         return [
-            PY,
+            install_python(install),
             "-m",
             "fastrelay",
             "serve",
@@ -51,7 +83,54 @@ def _fastrelay(backend: str) -> Any:
             str(ping),
         ]
 
+    cmd.backend = backend  # type: ignore[attr-defined]
+    cmd.install = install  # type: ignore[attr-defined]
     return cmd
+
+
+_PROBE = """
+import json, os, sys
+from importlib.machinery import EXTENSION_SUFFIXES
+import fastrelay
+pkg = os.path.dirname(os.path.realpath(fastrelay.__file__))
+compiled = sorted(
+    os.path.join(pkg, f) for f in os.listdir(pkg) if f.endswith(tuple(EXTENSION_SUFFIXES))
+)
+print(json.dumps({"python": sys.executable, "prefix": sys.prefix,
+                  "fastrelay": os.path.realpath(fastrelay.__file__), "package": pkg,
+                  "version": getattr(fastrelay, "__version__", "?"), "compiled": compiled}))
+"""
+_PROBED: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def probe_install(install: str, cwd: str) -> dict[str, Any]:
+    """Where ``install``'s interpreter imports fastrelay and its compiled core from,
+    started the way its relay is (same cwd kind, same environment)."""
+    py = install_python(install)
+    key = (install, py)
+    if key not in _PROBED:
+        env = clean_env() if isolated(install) else None
+        r = subprocess.run([py, "-c", _PROBE], capture_output=True, cwd=cwd, env=env, timeout=60)
+        if r.returncode != 0:
+            tail = r.stderr.decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"{py} cannot import fastrelay: {tail[-1] if tail else r.returncode}")
+        _PROBED[key] = dict(json.loads(r.stdout.decode().strip().splitlines()[-1]))
+    return _PROBED[key]
+
+
+def mapped_cores(pid: int) -> set[str]:
+    """Paths of fastrelay's compiled modules mapped into ``pid`` (from /proc/PID/maps)."""
+    out = set()
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if "/fastrelay/" in path and ".so" in os.path.basename(path):
+                    out.add(os.path.realpath(path))
+    except OSError:
+        pass
+    return out
 
 
 def _peer(script: str) -> Any:
@@ -75,9 +154,13 @@ def _peer(script: str) -> Any:
 CONTENDERS: dict[str, Any] = {
     "fastrelay-cython": _fastrelay("cython"),
     "fastrelay-python": _fastrelay("python"),
+    "fastrelay-prev-cython": _fastrelay("cython", "prev"),
+    "fastrelay-prev-python": _fastrelay("python", "prev"),
     "original": _peer("original.py"),
     "websockets": _peer("websockets_peer.py"),
 }
+# What runs when --contenders is not given (the prev ones need --previous).
+DEFAULT_CONTENDERS = ["fastrelay-cython", "fastrelay-python", "original", "websockets"]
 
 
 def split_contender(name: str) -> tuple[str, list[str]]:
@@ -102,10 +185,15 @@ class Relay:
         self.out_path = os.path.join(self.workdir, "stdout.txt")
         self.err_path = os.path.join(self.workdir, "stderr.txt")
         base, extra = split_contender(name)
-        self.cmd = CONTENDERS[base](self.port, self.socket, ping_interval, self.log_dir) + extra
+        factory = CONTENDERS[base]
+        self.backend: str | None = getattr(factory, "backend", None)
+        self.install: str | None = getattr(factory, "install", None)
+        self.isolated = self.install is not None and isolated(self.install)
+        self.cmd = factory(self.port, self.socket, ping_interval, self.log_dir) + extra
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_line = ""
         self.health: dict[str, Any] = {}
+        self.install_info: dict[str, Any] = {}
 
     @property
     def url(self) -> str:
@@ -124,7 +212,8 @@ class Relay:
                 stderr=err,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=child_setup,
-                cwd=ROOT,
+                cwd=self.workdir if self.isolated else ROOT,
+                env=clean_env() if self.isolated else None,
             )
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -148,6 +237,63 @@ class Relay:
                         break
             if self.startup_line:
                 break
+        try:
+            self.verify()
+        except Exception:
+            self.stop()
+            raise
+
+    def verify(self) -> None:
+        """A fastrelay contender must run the backend and the install it is named for.
+
+        Checks /healthz's backend, where the relay's interpreter imports
+        fastrelay from (started like the relay: same kind of cwd, same
+        environment), and, for the cython backend, that the compiled core
+        mapped into the running process is that install's. Raises RuntimeError.
+        """
+        if self.backend is None or self.install is None:
+            return
+        got = self.health.get("backend")
+        if got != self.backend:
+            raise RuntimeError(f"{self.name}: /healthz says backend {got!r}, not {self.backend!r}")
+        info = probe_install(self.install, self.workdir if self.isolated else ROOT)
+        if self.isolated:
+            src = os.path.realpath(ROOT) + os.sep
+            if info["fastrelay"].startswith(src) or "site-packages" not in info["fastrelay"]:
+                raise RuntimeError(
+                    f"{self.name}: {info['python']} imports fastrelay from {info['fastrelay']}, "
+                    "not from its own site-packages"
+                )
+        mapped = mapped_cores(self.pid)
+        pkg = info["package"] + os.sep
+        foreign = sorted(m for m in mapped if not m.startswith(pkg))
+        if foreign:
+            raise RuntimeError(f"{self.name}: the relay maps {foreign}, not from {info['package']}")
+        if self.backend == "cython" and not mapped:
+            raise RuntimeError(
+                f"{self.name}: no compiled fastrelay module is mapped into the relay "
+                f"(compiled in {info['package']}: {info['compiled'] or 'none'})"
+            )
+        self.install_info = {
+            "python": info["python"],
+            "fastrelay": info["fastrelay"],
+            "version": info["version"],
+            "core_mapped": sorted(mapped),
+        }
+        # An editable install keeps the modules it was built with: after an edit
+        # to their source the relay runs the old code until someone rebuilds them.
+        stale = []
+        for so in mapped:
+            stem = os.path.basename(so).split(".", 1)[0]
+            for ext in (".pyx", ".py", ".pxd"):
+                src_file = os.path.join(os.path.dirname(so), stem + ext)
+                if os.path.exists(src_file) and os.path.getmtime(src_file) > os.path.getmtime(so):
+                    stale.append(os.path.basename(src_file))
+        if stale:
+            self.install_info["stale"] = (
+                f"{', '.join(sorted(stale))} newer than the built module(s) in {info['package']}: "
+                "the relay runs code built from an older source (rebuild, or use --this-python)"
+            )
 
     def healthz(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
@@ -374,6 +520,7 @@ def spawn_emitters(
     stop_at: float,
     window: tuple[float, float],
     size: int,
+    jitter: float = 0.0,
 ) -> list[subprocess.Popen[bytes]]:
     procs = []
     for em in ids:
@@ -396,7 +543,7 @@ def spawn_emitters(
             repr(window[1]),
             "--size",
             str(size),
-        ]
+        ] + (["--jitter", repr(jitter)] if jitter else [])
         procs.append(
             subprocess.Popen(pinned(LOAD_CPUS, cmd), stdout=subprocess.PIPE, preexec_fn=child_setup, cwd=ROOT)
         )
