@@ -133,7 +133,7 @@ cdef inline Py_ssize_t _header(unsigned char* out, Py_ssize_t n) noexcept:
     return 10
 
 
-def frame_text(bytes payload):
+def frame_text(bytes payload not None):
     """One unmasked, final WebSocket text frame carrying ``payload`` (RFC 6455 §5.2)."""
     cdef unsigned char head[10]
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
@@ -182,11 +182,12 @@ cdef class Batch:
         """Receive from ``sock`` (a non-blocking datagram socket) from now on; None stops."""
         self._fd = -1 if sock is None else sock.fileno()
 
-    def receive(self):
-        """Fill the slots from the socket; returns how many (0 when it is empty or detached)."""
-        if self._fd < 0:
+    def receive(self, Py_ssize_t limit=VLEN):
+        """Fill up to ``limit`` slots from the socket; returns how many (0 when it is empty or detached)."""
+        if self._fd < 0 or limit <= 0:
             return 0
-        cdef int got = fr_recv_batch(self._fd, self._slots, <size_t>self.max_datagram, VLEN,
+        cdef unsigned int vlen = <unsigned int>(limit if limit < VLEN else VLEN)
+        cdef int got = fr_recv_batch(self._fd, self._slots, <size_t>self.max_datagram, vlen,
                                      self._sizes)
         self._got = got if got > 0 else 0
         return self._got
@@ -224,19 +225,21 @@ cdef class Batch:
         """Append slot ``i`` to the buffer as one text frame."""
         cdef char* slot = self._slot(i)
         cdef Py_ssize_t size = self._sizes[i]
+        if size < 0:
+            raise ValueError("slot holds a datagram larger than max_datagram")
         self._reserve(self.nbytes + size + 10)
         self.nbytes += _header(<unsigned char*>self._out + self.nbytes, size)
         self._copy(slot, size)
         self.framed += 1
 
-    def splice(self, Py_ssize_t i, bytes previous):
+    def splice(self, Py_ssize_t i, bytes previous not None):
         """Append slot ``i`` (a JSON object) with ``,"previous_state":<previous>`` added at its end."""
         cdef char* slot = self._slot(i)
         cdef Py_ssize_t end = self._sizes[i]
         while end > 0 and slot[end - 1] in b" \t\r\n":
             end -= 1
         end -= 1  # the closing brace
-        if end < 0:
+        if end < 0 or slot[end] != 125:  # '}'
             raise ValueError("slot is not a JSON object")
         cdef Py_ssize_t plen = end + _PREV_KEY_LEN + PyBytes_GET_SIZE(previous) + 1
         self._reserve(self.nbytes + plen + 10)
@@ -247,7 +250,7 @@ cdef class Batch:
         self._copy(b"}", 1)
         self.framed += 1
 
-    def add(self, bytes payload):
+    def add(self, bytes payload not None):
         """Append a relay-made message as one text frame."""
         cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
         self._reserve(self.nbytes + n + 10)

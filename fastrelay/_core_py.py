@@ -40,9 +40,13 @@ class Batch:
         #: Bytes in the buffer.
         self.nbytes = 0
         self._sock: socket.socket | None = None
-        self._slots = [bytearray(max_datagram) for _ in range(SLOTS)]
-        self._views = [memoryview(slot) for slot in self._slots]
+        # One receive buffer, and each slot's datagram as bytes: 32 buffers of
+        # max_datagram would be 32 x max_datagram of RSS (512 MiB at 16 MiB).
+        self._buf = bytearray(max_datagram)
+        self._view = memoryview(self._buf)
+        self._data: list[bytes] = [b""] * SLOTS
         self._sizes = [0] * SLOTS
+        self._got = 0
         self._parts: list[bytes] = []
 
     # -- receiving ---------------------------------------------------------------
@@ -51,54 +55,73 @@ class Batch:
         """Receive from ``sock`` (a non-blocking datagram socket) from now on; None stops."""
         self._sock = sock
 
-    def receive(self) -> int:
-        """Fill the slots from the socket; returns how many (0 when it is empty or detached)."""
+    def receive(self, limit: int = SLOTS) -> int:
+        """Fill up to ``limit`` slots from the socket; returns how many (0 when it is empty or detached)."""
         sock = self._sock
+        self._got = 0
         if sock is None:
             return 0
         recv_into = sock.recv_into
+        buf, view = self._buf, self._view
         max_datagram = self.max_datagram
-        sizes = self._sizes
+        sizes, data = self._sizes, self._data
         got = 0
-        for slot in self._slots:
+        for _ in range(max(0, min(limit, SLOTS))):
             try:
                 # MSG_TRUNC makes the kernel report the datagram's real size, so
                 # an over-size one is counted instead of silently cut.
-                size = recv_into(slot, max_datagram, socket.MSG_TRUNC)
+                size = recv_into(buf, max_datagram, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 break
-            sizes[got] = size if size <= max_datagram else -1
+            if size <= max_datagram:
+                sizes[got], data[got] = size, view[:size].tobytes()
+            else:
+                sizes[got], data[got] = -1, b""
             got += 1
+        self._got = got
         return got
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self._got:
+            raise IndexError("no such slot in this batch")
 
     def size(self, i: int) -> int:
         """Slot ``i``'s datagram length, or -1 when it did not fit in ``max_datagram``."""
+        self._check(i)
         return self._sizes[i]
 
     def view(self, i: int) -> memoryview:
         """Slot ``i``'s datagram, valid until the next receive()."""
-        return self._views[i][: self._sizes[i]]
+        self._check(i)
+        return memoryview(self._data[i])
 
     def raw(self, i: int) -> bytes:
         """Slot ``i``'s datagram as bytes."""
-        return self._views[i][: self._sizes[i]].tobytes()
+        self._check(i)
+        return self._data[i]
 
     def brackets(self, i: int) -> int:
         """Opening brackets in slot ``i``: an upper bound on how deeply it nests."""
-        data = self._views[i][: self._sizes[i]].tobytes()
+        data = self.raw(i)
         return data.count(b"[") + data.count(b"{")
 
     # -- framing -----------------------------------------------------------------
 
     def frame(self, i: int) -> None:
         """Append slot ``i`` to the buffer as one text frame."""
+        if self.size(i) < 0:
+            raise ValueError("slot holds a datagram larger than max_datagram")
         self._append(frame_text(self.raw(i)))
 
     def splice(self, i: int, previous: bytes) -> None:
         """Append slot ``i`` (a JSON object) with ``,"previous_state":<previous>`` added at its end."""
         raw = self.raw(i).rstrip(_WHITESPACE)
+        if self._sizes[i] < 0 or not raw.endswith(b"}"):
+            raise ValueError("slot is not a JSON object")
+        if type(previous) is not bytes:
+            raise TypeError("previous must be bytes")
         self._append(frame_text(raw[:-1] + _PREV_KEY + previous + b"}"))
 
     def add(self, payload: bytes) -> None:

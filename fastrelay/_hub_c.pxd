@@ -45,5 +45,5 @@ cdef class Hub:
     @cython.locals(index=Py_ssize_t, hist=list)
     cdef void _record_batch(self, Py_ssize_t n) except *
 
-    @cython.locals(n=Py_ssize_t, clients=set)
+    @cython.locals(n=Py_ssize_t, clients=set, framed=Py_ssize_t, nbytes=Py_ssize_t)
     cdef void _send(self, object shared) except *

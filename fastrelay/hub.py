@@ -120,7 +120,7 @@ class Hub:
         before = batch.framed
         count = 0
         while count < self.batch_cap:
-            got = batch.receive()
+            got = batch.receive(self.batch_cap - count)
             if got <= 0:
                 break
             count += got
@@ -141,11 +141,16 @@ class Hub:
         if batch.size(i) < 0:
             rejects["too_large"] += 1
             return
+        view = batch.view(i)
         try:
-            event = _loads(batch.view(i))
+            event = _loads(view)
         except _JSONDecodeError:
             rejects[classify_undecodable(batch.raw(i))] += 1
             return
+        finally:
+            # The compiled view points into the slot memory without owning it:
+            # released, it cannot be read after the slot is reused or freed.
+            view.release()
         if type(event) is not dict:
             rejects["not_object"] += 1
             return
@@ -218,10 +223,14 @@ class Hub:
         batch = self._batch
         clients = self.clients
         n = len(clients)
-        over = batch.send(clients, self.peers.enqueue, shared) if n else None
-        self.frames_sent += batch.framed * n
-        self.bytes_sent += batch.nbytes * n
-        batch.clear()
+        framed, nbytes = batch.framed, batch.nbytes
+        try:
+            over = batch.send(clients, self.peers.enqueue, shared) if n else None
+        finally:
+            # Even when a write raises: the batch must never go out twice.
+            batch.clear()
+        self.frames_sent += framed * n
+        self.bytes_sent += nbytes * n
         if over is not None:
             for client in over:
                 self.peers.close_slow(client)
