@@ -193,7 +193,11 @@ def test_each_state_change_updates_the_row(relay: Relay, page: Any) -> None:
     changes = page.evaluate("window.__changes")
     shown = [s for i, s in enumerate(changes) if i == 0 or changes[i - 1] != s]
     assert shown == states  # every state, in order, none from elsewhere
-    assert page.inner_text('tr[data-machine-id="row-1"] .c-state .badge') == "s-14"
+    # The badge is redrawn after the row's data-state changes, on a later frame.
+    badge = 'tr[data-machine-id="row-1"] .c-state .badge'
+    page.wait_for_function("(sel) => document.querySelector(sel).textContent === 's-14'",
+                           arg=badge, timeout=10_000)
+    assert page.inner_text(badge) == "s-14"
 
 
 def test_log_shows_non_state_events(relay: Relay, page: Any) -> None:
