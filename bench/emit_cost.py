@@ -44,7 +44,7 @@ def _percentile(sorted_values: list[float], p: float) -> float:
 
 def no_relay(calls: int) -> None:
     with tempfile.TemporaryDirectory() as d:
-        emitter = Emitter(os.path.join(d, "nobody.sock"))
+        emitter = Emitter(os.path.join(d, "nobody.sock"), hold=0)
         durations = []
         for _ in range(calls):
             started = time.perf_counter()
@@ -76,7 +76,7 @@ def burst(events: int, backend: str) -> None:
             started = time.perf_counter()
             for i in range(events):
                 t = time.perf_counter()
-                emitter.emit("burst", "b", seq=i)
+                emitter.emit("burst", "b", n=i)
                 worst = max(worst, time.perf_counter() - t)
             loop_s = time.perf_counter() - started
             pending = emitter.pending

@@ -32,7 +32,8 @@ def test_import_is_light():
 
 def test_emit_without_relay_returns_false_and_counts_it(tmp_path):
     # What one such call costs is a measurement: bench/emit_cost.py.
-    emitter = Emitter(str(tmp_path / "nobody.sock"))
+    # hold=0: dropped at once (the default holds them, see test_emit_hold.py).
+    emitter = Emitter(str(tmp_path / "nobody.sock"), hold=0)
     for _ in range(200):
         assert emitter.emit("state_change", "m", state="x") is False
     assert emitter.dropped["no_relay"] == 200
@@ -191,7 +192,7 @@ BURST = textwrap.dedent("""
     import sys
     from fastrelay import Emitter
     emitter = Emitter(sys.argv[1])
-    results = [emitter.emit("burst", "b", seq=i) for i in range(10_000)]
+    results = [emitter.emit("burst", "b", n=i) for i in range(10_000)]
     flushed = emitter.flush(30)
     print(results.count(True), sum(emitter.dropped.values()), flushed)
 """)
@@ -205,7 +206,7 @@ async def test_burst_of_10000_from_one_process_arrives_complete_in_order(relay):
     ok, dropped, flushed = out.decode().split()
     await asyncio.wait_for(client.done, 30)
     assert (int(ok), int(dropped), flushed) == (10_000, 0, "True")
-    assert [e["seq"] for e in client.events()] == list(range(10_000))
+    assert [e["n"] for e in client.events()] == list(range(10_000))
     # What each emit cost and how far the loop ran ahead of the relay:
     # bench/emit_cost.py.
     client.transport.disconnect()
@@ -213,7 +214,7 @@ async def test_burst_of_10000_from_one_process_arrives_complete_in_order(relay):
 
 def test_relay_restart_emitter_reconnects(relay_factory):
     relay = relay_factory.start()
-    emitter = Emitter(relay.socket_path)
+    emitter = Emitter(relay.socket_path, hold=0)  # with a hold: test_emit_hold.py
     assert emitter.emit("before", "r")
     relay.wait_accepted(1)
     relay.stop()
