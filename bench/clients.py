@@ -17,8 +17,8 @@ each with one JSON line on stdout:
 - ``{"cmd": "quit"}``.
 
 Every connection answers the relay's JSON ping with ``{"type":"pong"}`` and
-counts frames containing ``"seq"`` as events. Probes also parse each event
-(orjson) to follow every emitter's ``seq`` (gaps, duplicates) and latency from
+counts frames containing ``"sent_at"`` as events. Probes also parse each event
+(orjson) to follow every emitter's count ``n`` (gaps, duplicates) and latency from
 ``sent_at``; the others only count, which keeps a client cheap enough that
 one process can hold thousands. With ``stall`` the connections stop reading
 from the socket right after their ``initial`` frame.
@@ -112,7 +112,7 @@ class Conn(WSListener):
                 transport.disconnect()
             return
         data = frame.get_payload_as_bytes()
-        if b'"seq"' in data:
+        if b'"sent_at"' in data:
             self.events += 1
             self.last_ns = now
             proc = self.proc
@@ -122,7 +122,7 @@ class Conn(WSListener):
             if self.probe:
                 ev = orjson.loads(data)
                 em = ev.get("emitter")
-                seq = ev.get("seq")
+                seq = ev.get("n")
                 st = self.seqs.get(em)
                 if st is None:
                     st = self.seqs[em] = [0, 0, 0, 0]

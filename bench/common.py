@@ -162,7 +162,7 @@ class EventTemplate:
     """Builds ~``size``-byte JSON events quickly, wire-compatible with the original emitter.
 
     Every event is a ``state_change`` (so relays do their registry work and add
-    ``previous_state``) carrying ``emitter``, ``seq`` and ``sent_at``
+    ``previous_state``) carrying ``emitter``, its count ``n`` and ``sent_at``
     (``time.time_ns()`` at creation) for loss and latency accounting. The
     payload never contains the strings ``"ping"`` or ``"initial"``.
     """
@@ -179,7 +179,7 @@ class EventTemplate:
     def _fmt(self, machine: str, state: str, seq: int, ns: int, pad: str) -> str:
         return (
             f'{{"type":"state_change","machine_id":"{machine}","state":"{state}",'
-            f'"timestamp":{ns / 1e9:.6f},"emitter":{self.emitter},"seq":{seq},'
+            f'"timestamp":{ns / 1e9:.6f},"emitter":{self.emitter},"n":{seq},'
             f'"sent_at":{ns},"data":{{"pad":"{pad}"}}}}'
         )
 
@@ -200,7 +200,7 @@ class EventTemplate:
         def build(seq: int, ns: int) -> bytes:
             return (
                 f'{head}{machines[seq % nm]}","state":"{states[(seq // nm) % 4]}",'
-                f'"timestamp":{ns / 1e9:.6f},"emitter":{emitter},"seq":{seq},'
+                f'"timestamp":{ns / 1e9:.6f},"emitter":{emitter},"n":{seq},'
                 f'"sent_at":{ns},"data":{{"pad":"{pad}{tail}'
             ).encode()
 

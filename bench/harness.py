@@ -30,9 +30,9 @@ Scenarios (``--only`` takes names or prefixes, comma-separated):
 - ``floor``: a bare Python loop writing one 200-byte frame to each of 10,000
   loopback TCP sockets (bench/floor.py), timed in the same run.
 
-How figures are made: emitters stamp ``sent_at`` (time.time_ns()) and ``seq``;
-clients count event frames received inside a measurement window that starts
-after a warm-up, and probe connections parse every event for seq gaps and
+How figures are made: emitters stamp ``sent_at`` (time.time_ns()) and a count
+``n``; clients count event frames received inside a measurement window that starts
+after a warm-up, and probe connections parse every event for gaps in ``n`` and
 latency. Relay CPU is the sum of its threads' schedstat run time (ns) over the
 window; RSS is VmRSS. Each run also measures the load generator's own CPU
 (clients + emitters, all on CPU 1) and flags which side was the limit.

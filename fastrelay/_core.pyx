@@ -6,8 +6,8 @@ Only what must be native is here; the hub's algorithm and policy are
 - ``receive`` reads the datagram socket's raw descriptor with ``recvmmsg`` (one
   system call per batch on Linux; ``recvmsg`` elsewhere) into fixed slots, and
   ``view`` hands orjson a slot without making a bytes object;
-- ``frame`` and ``splice`` copy a slot into one batch buffer behind its frame
-  header, splicing ``previous_state`` into the emitter's bytes;
+- ``frame`` copies a slot into one batch buffer behind its frame header,
+  splicing ``previous_state`` and the stream's ``seq`` into the emitter's bytes;
 - ``send`` writes that buffer to each client's socket with one ``send()`` when
   nothing is waiting for that client, checked at that moment in its transport
   and its queue (exactly what picows's own fast path does); a client with a
@@ -113,6 +113,8 @@ SLOTS = VLEN
 
 cdef bytes _PREV_KEY = b',"previous_state":'
 cdef Py_ssize_t _PREV_KEY_LEN = len(_PREV_KEY)
+cdef bytes _SEQ_KEY = b',"seq":'
+cdef Py_ssize_t _SEQ_KEY_LEN = len(_SEQ_KEY)
 
 
 cdef inline Py_ssize_t _header(unsigned char* out, Py_ssize_t n) noexcept:
@@ -156,10 +158,13 @@ cdef class Batch:
     cdef Py_ssize_t _sizes[VLEN]
     cdef char* _out
     cdef Py_ssize_t _cap
+    cdef Py_ssize_t* _ends  # where each frame in _out ends
+    cdef Py_ssize_t _ends_cap
 
     def __cinit__(self):
         self._slots = NULL
         self._out = NULL
+        self._ends = NULL
         self._fd = -1
 
     def __init__(self, Py_ssize_t max_datagram):
@@ -169,12 +174,15 @@ cdef class Batch:
         self._slots = <char*>malloc(<size_t>VLEN * <size_t>max_datagram)
         self._cap = 64 * 1024
         self._out = <char*>malloc(self._cap)
-        if self._slots == NULL or self._out == NULL:
+        self._ends_cap = 64
+        self._ends = <Py_ssize_t*>malloc(<size_t>self._ends_cap * sizeof(Py_ssize_t))
+        if self._slots == NULL or self._out == NULL or self._ends == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         free(self._slots)
         free(self._out)
+        free(self._ends)
 
     # -- receiving ---------------------------------------------------------------
 
@@ -221,34 +229,39 @@ cdef class Batch:
 
     # -- framing -----------------------------------------------------------------
 
-    def frame(self, Py_ssize_t i):
-        """Append slot ``i`` to the buffer as one text frame."""
-        cdef char* slot = self._slot(i)
-        cdef Py_ssize_t size = self._sizes[i]
-        if size < 0:
-            raise ValueError("slot holds a datagram larger than max_datagram")
-        self._reserve(self.nbytes + size + 10)
-        self.nbytes += _header(<unsigned char*>self._out + self.nbytes, size)
-        self._copy(slot, size)
-        self.framed += 1
-
-    def splice(self, Py_ssize_t i, bytes previous not None):
-        """Append slot ``i`` (a JSON object) with ``,"previous_state":<previous>`` added at its end."""
+    def frame(self, Py_ssize_t i, unsigned long long seq, bytes previous=None):
+        """Append slot ``i`` (a JSON object) as one text frame, with ``,"previous_state":<previous>``
+        (when given) and ``,"seq":<seq>`` added at its end."""
         cdef char* slot = self._slot(i)
         cdef Py_ssize_t end = self._sizes[i]
+        if end < 0:
+            raise ValueError("slot holds a datagram larger than max_datagram")
         while end > 0 and slot[end - 1] in b" \t\r\n":
             end -= 1
         end -= 1  # the closing brace
         if end < 0 or slot[end] != 125:  # '}'
             raise ValueError("slot is not a JSON object")
-        cdef Py_ssize_t plen = end + _PREV_KEY_LEN + PyBytes_GET_SIZE(previous) + 1
+        cdef unsigned char digits[20]
+        cdef Py_ssize_t ndigits = 0
+        while True:
+            digits[19 - ndigits] = <unsigned char>(48 + seq % 10)
+            ndigits += 1
+            seq //= 10
+            if seq == 0:
+                break
+        cdef Py_ssize_t plen = end + _SEQ_KEY_LEN + ndigits + 1
+        if previous is not None:
+            plen += _PREV_KEY_LEN + PyBytes_GET_SIZE(previous)
         self._reserve(self.nbytes + plen + 10)
         self.nbytes += _header(<unsigned char*>self._out + self.nbytes, plen)
         self._copy(slot, end)
-        self._copy(PyBytes_AS_STRING(_PREV_KEY), _PREV_KEY_LEN)
-        self._copy(PyBytes_AS_STRING(previous), PyBytes_GET_SIZE(previous))
+        if previous is not None:
+            self._copy(PyBytes_AS_STRING(_PREV_KEY), _PREV_KEY_LEN)
+            self._copy(PyBytes_AS_STRING(previous), PyBytes_GET_SIZE(previous))
+        self._copy(PyBytes_AS_STRING(_SEQ_KEY), _SEQ_KEY_LEN)
+        self._copy(<char*>digits + 20 - ndigits, ndigits)
         self._copy(b"}", 1)
-        self.framed += 1
+        self._end_frame()
 
     def add(self, bytes payload not None):
         """Append a relay-made message as one text frame."""
@@ -256,6 +269,17 @@ cdef class Batch:
         self._reserve(self.nbytes + n + 10)
         self.nbytes += _header(<unsigned char*>self._out + self.nbytes, n)
         self._copy(PyBytes_AS_STRING(payload), n)
+        self._end_frame()
+
+    cdef void _end_frame(self) except *:
+        cdef Py_ssize_t* grown
+        if self.framed >= self._ends_cap:
+            grown = <Py_ssize_t*>realloc(self._ends, <size_t>(self._ends_cap * 2) * sizeof(Py_ssize_t))
+            if grown == NULL:
+                raise MemoryError()
+            self._ends = grown
+            self._ends_cap *= 2
+        self._ends[self.framed] = self.nbytes
         self.framed += 1
 
     cdef void _reserve(self, Py_ssize_t need) except *:
@@ -279,6 +303,15 @@ cdef class Batch:
     def take(self):
         """The buffer's bytes (the batch stays in place)."""
         return PyBytes_FromStringAndSize(self._out, self.nbytes)
+
+    def frames(self):
+        """Each frame in the buffer as its own bytes, in order (what history keeps)."""
+        cdef list out = []
+        cdef Py_ssize_t k, start = 0
+        for k in range(self.framed):
+            out.append(PyBytes_FromStringAndSize(self._out + start, self._ends[k] - start))
+            start = self._ends[k]
+        return out
 
     def clear(self):
         self.framed = self.nbytes = 0

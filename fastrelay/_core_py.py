@@ -1,7 +1,7 @@
 """The hub's primitives in plain Python: the twin of the Cython ``fastrelay._core``.
 
 The hub's algorithm lives once, in ``fastrelay.hub``; it calls only what is
-here: take a batch of datagrams into slots, frame (or splice) one slot onto the
+here: take a batch of datagrams into slots, frame one slot (its ``seq`` spliced in) onto the
 batch's buffer, write the buffer to every client. The compiled module offers
 the same :class:`Batch` with the same behaviour, byte for byte; the tests run
 both over the same inputs.
@@ -21,6 +21,7 @@ __all__ = ["SLOTS", "Batch", "frame_text"]
 SLOTS = 32
 
 _PREV_KEY = b',"previous_state":'
+_SEQ_KEY = b',"seq":'
 _WHITESPACE = b" \t\r\n"
 
 
@@ -28,8 +29,8 @@ class Batch:
     """Slots for received datagrams and the buffer of frames made from them.
 
     ``receive`` fills the slots; the hub reads each one (``size``, ``view``,
-    ``raw``, ``brackets``) and appends it to the buffer as a frame (``frame``)
-    or with ``previous_state`` spliced in (``splice``); ``send`` writes the
+    ``raw``, ``brackets``) and appends it to the buffer as a frame with its
+    ``seq`` (and ``previous_state``) spliced in (``frame``); ``send`` writes the
     buffer to every client; ``clear`` starts the next batch.
     """
 
@@ -48,6 +49,7 @@ class Batch:
         self._sizes = [0] * SLOTS
         self._got = 0
         self._parts: list[bytes] = []
+        self._frames: list[bytes] = []
 
     # -- receiving ---------------------------------------------------------------
 
@@ -109,20 +111,22 @@ class Batch:
 
     # -- framing -----------------------------------------------------------------
 
-    def frame(self, i: int) -> None:
-        """Append slot ``i`` to the buffer as one text frame."""
+    def frame(self, i: int, seq: int, previous: bytes | None = None) -> None:
+        """Append slot ``i`` (a JSON object) as one text frame, with ``,"previous_state":<previous>``
+        (when given) and ``,"seq":<seq>`` added at its end."""
         if self.size(i) < 0:
             raise ValueError("slot holds a datagram larger than max_datagram")
-        self._append(frame_text(self.raw(i)))
-
-    def splice(self, i: int, previous: bytes) -> None:
-        """Append slot ``i`` (a JSON object) with ``,"previous_state":<previous>`` added at its end."""
         raw = self.raw(i).rstrip(_WHITESPACE)
-        if self._sizes[i] < 0 or not raw.endswith(b"}"):
+        if not raw.endswith(b"}"):
             raise ValueError("slot is not a JSON object")
-        if type(previous) is not bytes:
+        if previous is not None and type(previous) is not bytes:
             raise TypeError("previous must be bytes")
-        self._append(frame_text(raw[:-1] + _PREV_KEY + previous + b"}"))
+        if not 0 <= seq < 1 << 64:
+            raise OverflowError("seq out of range")
+        extra = _SEQ_KEY + str(seq).encode() + b"}"
+        if previous is not None:
+            extra = _PREV_KEY + previous + extra
+        self._append(frame_text(raw[:-1] + extra))
 
     def add(self, payload: bytes) -> None:
         """Append a relay-made message as one text frame."""
@@ -130,6 +134,7 @@ class Batch:
 
     def _append(self, frame: bytes) -> None:
         self._parts.append(frame)
+        self._frames.append(frame)
         self.nbytes += len(frame)
         self.framed += 1
 
@@ -140,8 +145,13 @@ class Batch:
             parts[:] = [b"".join(parts)]
         return parts[0] if parts else b""
 
+    def frames(self) -> list[bytes]:
+        """Each frame in the buffer as its own bytes, in order (what history keeps)."""
+        return list(self._frames)
+
     def clear(self) -> None:
         self._parts = []
+        self._frames = []
         self.framed = self.nbytes = 0
 
     # -- fan-out -------------------------------------------------------------------

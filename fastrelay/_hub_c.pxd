@@ -14,6 +14,8 @@ cdef class Hub:
     cdef readonly Py_ssize_t batch_cap
     cdef readonly double write_delay
     cdef readonly object registry
+    cdef readonly object history
+    cdef public unsigned long long seq
     cdef readonly object peers
     cdef readonly set clients
     cdef readonly set stalled
@@ -34,7 +36,8 @@ cdef class Hub:
                    framed=Py_ssize_t)
     cpdef Py_ssize_t drain(self) except -1
 
-    @cython.locals(max_depth=Py_ssize_t, rejects=dict)
+    @cython.locals(max_depth=Py_ssize_t, rejects=dict, seq=cython.ulonglong,
+                   adds_previous=bint)
     cdef void _take(self, object batch, Py_ssize_t i) except *
 
     cdef void _schedule_write(self) except *

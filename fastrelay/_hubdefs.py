@@ -9,6 +9,7 @@ from dataclasses import dataclass
 __all__ = [
     "BATCH_BUCKETS",
     "REJECT_REASONS",
+    "RESUME_OUTCOMES",
     "CloseReason",
     "HubStats",
     "classify_undecodable",
@@ -18,6 +19,10 @@ __all__ = [
 #: Why a datagram was dropped; /healthz and /metrics count each.
 REJECT_REASONS = ("invalid_utf8", "invalid_json", "not_object", "invalid_type", "too_large",
                   "too_deep")
+#: How a request to resume (``?epoch=E&since=S``) ended: honoured, or answered with
+#: a fresh ``initial`` because the epoch is not this stream's, or the history no
+#: longer (or never) held every event after ``since``, or the values were malformed.
+RESUME_OUTCOMES = ("resumed", "unknown_epoch", "out_of_range", "malformed")
 #: Upper bounds of the batch-size histogram (powers of two; one more bucket is +Inf).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -60,6 +65,17 @@ class HubStats:
     max_client_buffer: int
     #: Clients whose transport holds unsent bytes.
     stalled: int
+    #: The stream's position: its epoch and the seq of the newest accepted event.
+    epoch: str
+    seq: int
+    #: What the history holds for resuming: events, bytes of frames, the oldest seq.
+    history_events: int
+    history_bytes: int
+    history_oldest_seq: int | None
+    #: Resume requests by outcome (RESUME_OUTCOMES).
+    resumes: Mapping[str, int]
+    #: Events sent from the history to resuming clients.
+    replayed: int
 
 
 def frame_text(payload: bytes) -> bytes:

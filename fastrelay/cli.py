@@ -38,6 +38,20 @@ def _mode(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _size(text)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
 def _positive(kind: type[Any]) -> Any:
     def parse(text: str) -> Any:
         try:
@@ -108,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds within which events share one write to the clients; an event "
                             "after a quiet spell goes out at once; 0 writes each drained batch at "
                             "once (default %(default)s)")
+    serve.add_argument("--history", type=_count, default=defaults.history,
+                       help="events kept for clients that resume with ?epoch=E&since=S; 0 turns "
+                            "resume off (default %(default)s)")
+    serve.add_argument("--history-bytes", type=_size_or_zero, default=defaults.history_bytes,
+                       help="at most this many bytes of history (default 16MiB; 0: no resume)")
+    serve.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="keep the registry, epoch, seq and history here across restarts "
+                            "(default: none)")
+    serve.add_argument("--state-interval", type=_positive(float), default=defaults.state_interval,
+                       help="seconds between registry saves to --state-dir (default %(default)s)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")
@@ -200,7 +224,7 @@ async def _run_server(config: ServeConfig, loop_name: str) -> int:
     from ._backend import BackendUnavailable
     from .datagram import SocketUnavailable
     from .logs import LogDirUnavailable
-    from .server import RelayServer
+    from .server import RelayServer, StateDirUnavailable
 
     # Handlers go in before start(): a signal during start-up then stops the
     # relay cleanly instead of killing it with its socket file left behind.
@@ -212,7 +236,7 @@ async def _run_server(config: ServeConfig, loop_name: str) -> int:
     try:
         server = RelayServer(config)
         await server.start()
-    except (BackendUnavailable, SocketUnavailable, LogDirUnavailable) as exc:
+    except (BackendUnavailable, SocketUnavailable, LogDirUnavailable, StateDirUnavailable) as exc:
         print(f"fastrelay serve: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -241,7 +265,9 @@ def _emit(args: argparse.Namespace) -> int:
         except orjson.JSONDecodeError as exc:
             print(f"fastrelay emit: error: --data is not valid JSON: {exc}", file=sys.stderr)
             return 2
-    emitter = Emitter(args.socket_path)
+    # hold=0: a command line says at once that no relay listens, rather than
+    # waiting for one to come back.
+    emitter = Emitter(args.socket_path, hold=0)
     if emitter.emit(args.type, args.machine_id, **fields) and emitter.flush(2.0):
         return 0
     reasons = ", ".join(k for k, v in emitter.dropped.items() if v) or "not delivered"

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from ._hubdefs import CloseReason, frame_text
+from ._hubdefs import RESUME_OUTCOMES, CloseReason, frame_text
+from .history import History, parse_resume
 
 if TYPE_CHECKING:
     from picows import WSTransport
@@ -106,6 +107,44 @@ class _Snapshot:
         return self.pos >= len(self.frame)
 
 
+class _Replay:
+    """A resuming client's position in the history: the events it missed, sent as it reads.
+
+    Nothing is copied ahead of the client: each piece is joined from the history
+    when the transport can take it, so a long replay to a slow client costs at
+    most one piece beyond what it has read. If the history forgets an event
+    before it was sent, the client cannot be served without a gap: ``take``
+    returns None and the client is closed as too slow.
+    """
+
+    __slots__ = ("history", "next", "stop")
+
+    def __init__(self, history: History, start: int, stop: int) -> None:
+        self.history = history
+        self.next = start
+        self.stop = stop
+
+    def take(self, limit: int) -> tuple[bytes, int] | None:
+        """Whole frames from the next event on, about ``limit`` bytes; and how many."""
+        history = self.history
+        if self.next < history.first_seq:
+            return None
+        parts: list[bytes] = []
+        size = 0
+        seq, stop = self.next, self.stop
+        while seq <= stop and (not parts or size < limit):
+            frame = history.frame(seq)
+            parts.append(frame)
+            size += len(frame)
+            seq += 1
+        self.next = seq
+        return b"".join(parts), len(parts)
+
+    @property
+    def done(self) -> bool:
+        return self.next > self.stop
+
+
 class Client:
     """One connected WebSocket client: its transport, its queue and its liveness."""
 
@@ -128,8 +167,8 @@ class Client:
         self.acked = 0
         self.write: Callable[[bytes | memoryview], None] = underlying.write
         self.buffered: Callable[[], int] = underlying.get_write_buffer_size
-        #: Frames owed behind what the transport holds: bytes, or one _Snapshot.
-        self.queue: deque[bytes | _Snapshot] = deque()
+        #: Frames owed behind what the transport holds: bytes, one _Snapshot, one _Replay.
+        self.queue: deque[bytes | _Snapshot | _Replay] = deque()
         #: Bytes in ``queue``, not counting the unsent part of a shared snapshot.
         self.queued = 0
         self.snapshot: _Snapshot | None = None
@@ -189,12 +228,17 @@ class Clients:
 
     ``flush`` writes the hub's pending events to the current members (so that a
     snapshot taken next reflects everything they have been sent);
-    ``snapshot_payload`` serialises the registry as an ``initial`` message.
+    ``snapshot_payload`` serialises the registry as an ``initial`` message;
+    ``history`` is the stream's position and recent frames, for resuming.
     """
 
     def __init__(self, *, max_client_buffer: int, flush: Callable[[], None],
-                 snapshot_payload: Callable[[], bytes], max_snapshots: int = 4) -> None:
+                 snapshot_payload: Callable[[], bytes], history: History,
+                 max_snapshots: int = 4) -> None:
         self.max_client_buffer = max_client_buffer
+        self.history = history
+        self.resumes: dict[str, int] = dict.fromkeys(RESUME_OUTCOMES, 0)
+        self.replayed = 0
         #: Fresh snapshots for refreshes wait while this many are on their way.
         self.max_snapshots = max_snapshots
         #: Snapshots not yet handed whole to every client they were queued for.
@@ -308,12 +352,41 @@ class Clients:
 
     # -- joining and leaving --------------------------------------------------------
 
-    def add_client(self, transport: WSTransport) -> Client:
-        """Queue the snapshot and join the fan-out set in one step (no event in between)."""
+    def add_client(self, transport: WSTransport, resume: tuple[str, str] | None = None) -> Client:
+        """Queue the snapshot, or the events missed since ``resume`` = (epoch, since), and
+        join the fan-out set in one step (no event in between)."""
         client = Client(self, transport)
-        self._send_joining_snapshot(client)
+        if resume is None or not self._resume(client, *resume):
+            self._send_joining_snapshot(client)
         self.members.add(client)
         return client
+
+    def _resume(self, client: Client, epoch_text: str, since_text: str) -> bool:
+        """Queue ``resumed`` and the events after ``since``; False (counted) when the
+        history cannot give every one of them, and the client gets ``initial``."""
+        parsed = parse_resume(epoch_text, since_text)
+        if parsed is None:
+            self.resumes["malformed"] += 1
+            return False
+        epoch, since = parsed
+        self._flush()  # everything accepted is in the history, and the members have it
+        history = self.history
+        if epoch != history.epoch:
+            self.resumes["unknown_epoch"] += 1
+            return False
+        if not history.holds_after(since):
+            self.resumes["out_of_range"] += 1
+            return False
+        last = history.last_seq
+        head = frame_text(orjson.dumps({"type": "resumed", "epoch": epoch, "since": since,
+                                        "seq": last}))
+        client.queue.append(head)
+        client.queued += len(head)
+        if since < last:
+            client.queue.append(_Replay(history, since + 1, last))
+        self.resumes["resumed"] += 1
+        self._pump(client)
+        return True
 
     def remove_client(self, client: Client) -> None:
         """Forget a disconnected client and count why it went."""
@@ -374,6 +447,7 @@ class Clients:
         if client._pumping or client.close_reason is not None:
             return
         client._pumping = True
+        lost = False
         try:
             queue, buffered, write = client.queue, client.buffered, client.write
             while not buffered():
@@ -386,7 +460,19 @@ class Clients:
                 if not queue:
                     break
                 item = queue[0]
-                if type(item) is _Snapshot:
+                if type(item) is _Replay:
+                    taken = item.take(CHUNK)
+                    if taken is None:
+                        lost = True
+                        break
+                    if item.done:
+                        queue.popleft()
+                    frames, count = taken
+                    self.replayed += count
+                    self.frames_sent += count
+                    self.bytes_sent += len(frames)
+                    write(frames)
+                elif type(item) is _Snapshot:
                     piece = item.take(CHUNK)
                     if item.done:
                         queue.popleft()
@@ -401,6 +487,8 @@ class Clients:
                 self.mark_stalled(client)
         finally:
             client._pumping = False
+        if lost:  # it read too slowly to be replayed what the history has forgotten since
+            self.close_slow(client)
 
     def mark_stalled(self, client: Client) -> None:
         if client.stalled_since is None:

@@ -130,6 +130,14 @@ class ServeConfig:
     allow_hosts: list[str] = field(default_factory=list)
     token: str | None = None
     backend: str = "auto"
+    #: Events kept for resuming clients (DESIGN §7), and at most this many bytes
+    #: of their frames; either 0 turns resume off.
+    history: int = 10_000
+    history_bytes: int = 16 * 1024 * 1024
+    #: Where the registry, the stream's position and the history survive a restart.
+    state_dir: str | None = None
+    #: Seconds between saves of the registry to --state-dir while it changes.
+    state_interval: float = 5.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first option whose value cannot work."""
@@ -137,7 +145,8 @@ class ServeConfig:
             raise ValueError(f"--port {self.port}: must be between 0 and 65535")
         if not self.ws_path.startswith("/"):
             raise ValueError(f"--path {self.ws_path!r}: must start with /")
-        for name in ("ping_interval", "send_timeout", "hang_threshold", "heartbeat_interval"):
+        for name in ("ping_interval", "send_timeout", "hang_threshold", "heartbeat_interval",
+                     "state_interval"):
             value = getattr(self, name)
             # nan passes every comparison and inf overflows the loop's timers:
             # both used to get past here and fail only once the socket was bound.
@@ -152,6 +161,10 @@ class ServeConfig:
             raise ValueError(f"--max-depth must be between 1 and {MAX_DEPTH_LIMIT}")
         if self.max_machines <= 0 or self.batch_cap <= 0:
             raise ValueError("--max-machines and --batch-cap must be positive")
+        if self.history < 0 or self.history_bytes < 0:
+            raise ValueError("--history and --history-bytes must be 0 (no resume) or positive")
+        if self.state_dir is not None and not self.state_dir:
+            raise ValueError("--state-dir: the path must not be empty")
         if self.backend not in ("auto", "cython", "python"):
             raise ValueError(f"--backend {self.backend!r}: use auto, cython or python")
         if not self.socket_path:

@@ -4,7 +4,7 @@ This module is the pure backend as it stands, and Cython compiles the same
 file for the accelerated one (``fastrelay/_hub_c.py`` is a link to it, typed by
 ``fastrelay/_hub_c.pxd``, the way aiohttp builds ``reader_c`` from
 ``reader_py``). Its few primitives (take a batch of datagrams into slots,
-frame or splice one onto the batch buffer, write the buffer to the clients)
+frame one onto the batch buffer with its seq, write the buffer to the clients)
 come from ``fastrelay._core`` in the compiled copy and from its plain-Python
 twin ``fastrelay._core_py`` here, so per-delivery work stays in C.
 
@@ -33,6 +33,7 @@ import orjson
 
 from ._hubdefs import BATCH_BUCKETS, REJECT_REASONS, CloseReason, HubStats, classify_undecodable
 from .clients import Client, Clients
+from .history import History
 from .listener import Listener
 from .registry import Registry, nesting_depth
 
@@ -67,6 +68,8 @@ class Hub:
         max_snapshots: int = 4,
         batch_cap: int = 1024,
         write_delay: float = 0.0,
+        history: int = 10_000,
+        history_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.backend = "cython" if NATIVE else "python"
         self.max_datagram = max_datagram
@@ -74,8 +77,12 @@ class Hub:
         self.batch_cap = batch_cap
         self.write_delay = write_delay
         self.registry = Registry(max_machines)
+        #: The stream's epoch, the seq it has written up to, and its recent frames.
+        self.history = History(history, history_bytes)
+        #: The seq of the newest accepted event (written or not yet).
+        self.seq = 0
         self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
-                             snapshot_payload=self.registry.snapshot_payload,
+                             snapshot_payload=self.snapshot_payload, history=self.history,
                              max_snapshots=max_snapshots)
         #: Clients that get every batch; and those whose transport holds unsent bytes.
         self.clients: set[Client] = self.peers.members
@@ -169,11 +176,19 @@ class Hub:
         previous = None
         if type(machine_id) is str:
             previous = self.registry.update(machine_id, event)
-        if kind == "state_change" and "previous_state" not in event:
-            # Splice into the emitter's own bytes rather than re-serialising.
-            batch.splice(i, _dumps(previous))
+        seq = self.seq + 1
+        adds_previous = kind == "state_change" and "previous_state" not in event
+        if "seq" in event:
+            # The stream's seq replaces the emitter's: re-serialised, which only
+            # an emitter that sets its own seq pays for.
+            event["seq"] = seq
+            if adds_previous:
+                event["previous_state"] = previous
+            batch.add(_dumps(event))
         else:
-            batch.frame(i)
+            # Splice into the emitter's own bytes rather than re-serialising.
+            batch.frame(i, seq, _dumps(previous) if adds_previous else None)
+        self.seq = seq
 
     def _schedule_write(self) -> None:
         if self.write_delay <= 0 or self._batch.framed >= self.batch_cap:
@@ -201,6 +216,11 @@ class Hub:
             return
         self._last_write = _monotonic()
         self._record_batch(framed)
+        history = self.history
+        if history.enabled:
+            history.extend(batch.frames())
+        else:
+            history.last_seq = self.seq
         shared = None
         if self.peers.collecting:
             shared = batch.take()
@@ -243,9 +263,10 @@ class Hub:
 
     # -- clients -------------------------------------------------------------------
 
-    def make_listener(self) -> Listener:
-        """A picows listener bound to this hub, for one new connection."""
-        return Listener(self.peers)
+    def make_listener(self, resume: tuple[str, str] | None = None) -> Listener:
+        """A picows listener bound to this hub, for one new connection; ``resume`` is
+        the raw (epoch, since) it asked to resume from."""
+        return Listener(self.peers, resume)
 
     def close_client(self, client: Client, code: int, reason: bytes, why: CloseReason) -> None:
         """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted."""
@@ -265,8 +286,22 @@ class Hub:
     # -- reading -------------------------------------------------------------------
 
     def snapshot_payload(self) -> bytes:
-        """The ``initial`` message for the registry as it is now."""
-        return self.registry.snapshot_payload()
+        """The ``initial`` message for the registry as it is now, at the stream's position."""
+        return self.registry.snapshot_payload(self.history.epoch, self.seq)
+
+    def restore(self, machines: list[dict[str, object]], epoch: str | None, seq: int,
+                frames: list[bytes]) -> None:
+        """Take up a saved state before the first client: the registry, and the stream's
+        epoch and seq with its last ``frames`` when ``epoch`` continues (else a new epoch)."""
+        self.registry.load(machines)
+        history = self.history
+        if epoch is None:
+            history.restart(None, 0)
+            self.seq = 0
+        else:
+            history.restart(epoch, seq - len(frames))
+            history.extend(frames)
+            self.seq = seq
 
     def machines_payload(self) -> bytes:
         """The registry as a JSON array (GET /api/machines)."""
@@ -275,6 +310,7 @@ class Hub:
     def stats(self) -> HubStats:
         """The hub's counters now."""
         peers = self.peers
+        history = self.history
         owed_total = owed_max = 0
         for client in self.clients | self.stalled:
             owed = client.owed
@@ -300,4 +336,11 @@ class Hub:
             owed_bytes_max=owed_max,
             max_client_buffer=peers.max_client_buffer,
             stalled=len(self.stalled),
+            epoch=history.epoch,
+            seq=self.seq,
+            history_events=len(history),
+            history_bytes=history.nbytes,
+            history_oldest_seq=history.first_seq if len(history) else None,
+            resumes={outcome: n for outcome, n in peers.resumes.items()},
+            replayed=peers.replayed,
         )

@@ -21,13 +21,14 @@ _monotonic = time.monotonic
 
 
 class Listener(WSListener):
-    def __init__(self, peers: Clients) -> None:
+    def __init__(self, peers: Clients, resume: tuple[str, str] | None = None) -> None:
         self.peers = peers
+        self.resume = resume
         self.client: Client | None = None
         self.checker = FrameChecker()
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.client = self.peers.add_client(transport)
+        self.client = self.peers.add_client(transport, self.resume)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         client = self.client

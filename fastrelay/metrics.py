@@ -65,6 +65,28 @@ class _HubCollector:
         yield CounterMetricFamily(
             "fastrelay_bytes_sent", "Bytes written to clients.", value=stats.bytes_sent)
         yield _batch_histogram(stats)
+        stream = GaugeMetricFamily(
+            "fastrelay_stream_seq", "Seq of the newest accepted event, in the labelled epoch.",
+            labels=["epoch"])
+        stream.add_metric([stats.epoch], stats.seq)
+        yield stream
+        yield GaugeMetricFamily(
+            "fastrelay_history_events", "Events the history holds for resuming clients.",
+            value=stats.history_events)
+        yield GaugeMetricFamily(
+            "fastrelay_history_bytes", "Bytes of frames the history holds.",
+            value=stats.history_bytes)
+        yield GaugeMetricFamily(
+            "fastrelay_history_oldest_seq", "Seq of the oldest event in the history (0: empty).",
+            value=stats.history_oldest_seq or 0)
+        resumes = CounterMetricFamily(
+            "fastrelay_resumes", "Requests to resume, by outcome.", labels=["outcome"])
+        for outcome, n in stats.resumes.items():
+            resumes.add_metric([outcome], n)
+        yield resumes
+        yield CounterMetricFamily(
+            "fastrelay_events_replayed", "Events sent from the history to resuming clients.",
+            value=stats.replayed)
         yield GaugeMetricFamily(
             "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",
             value=self.monitor.last_lag)

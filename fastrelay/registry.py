@@ -84,9 +84,34 @@ class Registry:
             entry["data"] = event["data"]
         return previous
 
-    def snapshot_payload(self) -> bytes:
-        """The ``initial`` message: every machine's current entry, as JSON bytes."""
-        return self._dumps({"type": "initial", "machines": None, "timestamp": _time()})
+    def snapshot_payload(self, epoch: str, seq: int) -> bytes:
+        """The ``initial`` message: every machine's current entry, as JSON bytes, at
+        stream position ``epoch``/``seq`` (the last event it reflects)."""
+        return self._dumps({"type": "initial", "machines": None, "timestamp": _time(),
+                            "epoch": epoch, "seq": seq})
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, least recently active first (what a saved state holds)."""
+        return list(self.machines.values())
+
+    def load(self, entries: list[dict[str, Any]]) -> int:
+        """Replace the registry with saved ``entries`` (least recently active first); returns
+        how many were taken. Entries that are not machine objects are skipped."""
+        machines = self.machines
+        machines.clear()
+        for entry in entries[-self.max_machines:]:
+            if type(entry) is not dict or type(entry.get("id")) is not str:
+                continue
+            state = entry.get("current_state")
+            previous = entry.get("previous_state")
+            machines[entry["id"]] = {
+                "id": entry["id"],
+                "current_state": state if type(state) is str else None,
+                "previous_state": previous if type(previous) is str else None,
+                "last_activity": entry.get("last_activity"),
+                "data": entry.get("data"),
+            }
+        return len(machines)
 
     def machines_payload(self) -> bytes:
         """The registry as a JSON array (GET /api/machines)."""

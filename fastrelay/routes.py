@@ -23,6 +23,7 @@ from picows import WSListener, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeRes
 from ._version import __version__
 from .access import AccessPolicy, split_target
 from .config import ServeConfig
+from .history import resume_request
 from .logs import LogLimiter
 from .watchdog import LoopMonitor
 
@@ -97,7 +98,7 @@ class Routes:
             if refusal is not None:
                 return _error(refusal.status, refusal.body, refusal.headers)
             if path == self.config.ws_path:
-                return self.hub.make_listener()
+                return self.hub.make_listener(resume_request(query))
             response = self.get(path)
             if response is None:
                 return None  # picows answers 404
@@ -163,6 +164,11 @@ class Routes:
             "events": {"accepted": stats.accepted, "relayed": stats.relayed},
             "rejects": dict(stats.rejects),
             "closed": dict(stats.closed),
+            "epoch": stats.epoch,
+            "seq": stats.seq,
+            "history": {"events": stats.history_events, "bytes": stats.history_bytes,
+                        "oldest_seq": stats.history_oldest_seq},
+            "resumes": dict(stats.resumes),
             "owed_bytes": stats.owed_bytes,
             "owed_bytes_max": stats.owed_bytes_max,
             "max_client_buffer": stats.max_client_buffer,

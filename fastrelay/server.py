@@ -18,9 +18,10 @@ from .heartbeat import Heartbeat
 from .keepalive import Keepalive
 from .logs import ensure_log_dir
 from .routes import Routes
+from .state import StateDir
 from .watchdog import LoopMonitor, Watchdog
 
-__all__ = ["RelayServer"]
+__all__ = ["RelayServer", "StateDirUnavailable"]
 
 log = logging.getLogger("fastrelay")
 #: Below this, tell the operator the kernel will make emitters queue (DESIGN §4).
@@ -28,6 +29,10 @@ _LOW_QLEN = 64
 #: Initial per-connection read buffer: clients send only pongs and refreshes,
 #: so a small one keeps idle clients cheap (picows grows it when needed).
 _READ_BUFFER = 2048
+
+
+class StateDirUnavailable(OSError):
+    """--state-dir cannot be created or written."""
 
 
 class RelayServer:
@@ -48,6 +53,8 @@ class RelayServer:
             max_snapshots=config.max_snapshots,
             batch_cap=config.batch_cap,
             write_delay=config.write_delay,
+            history=config.history,
+            history_bytes=config.history_bytes,
         )
         self.backend: str = self.hub.backend
         self.monitor = LoopMonitor()
@@ -64,6 +71,9 @@ class RelayServer:
         self._sock: socket.socket | None = None
         self._sock_inode = 0
         self._started_at = time.monotonic()
+        self.state = StateDir(config.state_dir) if config.state_dir else None
+        self._saver: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[bool] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -78,6 +88,8 @@ class RelayServer:
         config = self.config
         loop = asyncio.get_running_loop()
         ensure_log_dir(config.log_dir)  # the watchdog writes its stack dumps there
+        if self.state is not None:
+            self._take_up_state(self.state)
         self._sock = bind_datagram_socket(config.socket_path, config.socket_mode)
         self._sock_inode = socket_inode(config.socket_path)
         try:
@@ -115,6 +127,8 @@ class RelayServer:
         self.heartbeat.start(loop)
         self._watchdog = Watchdog(self.monitor, config.hang_threshold, config.log_dir)
         self._watchdog.start()
+        if self.state is not None:
+            self._saver = loop.create_task(self._save_periodically(self.state))
         qlen = max_dgram_qlen()
         if qlen is not None and qlen < _LOW_QLEN:
             log.warning(
@@ -134,6 +148,8 @@ class RelayServer:
         shutdown = self.hub.shutdown(grace)
         self._close_socket()
         await shutdown
+        if self.state is not None:
+            await self._save_clean(self.state)
         self.keepalive.stop()
         self.heartbeat.stop()
         self.monitor.stop()
@@ -147,6 +163,58 @@ class RelayServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    # -- --state-dir ---------------------------------------------------------------
+
+    def _take_up_state(self, state: StateDir) -> None:
+        try:
+            state.prepare()
+        except OSError as exc:
+            raise StateDirUnavailable(
+                f"--state-dir {state.path}: cannot be written: {exc.strerror or exc}") from None
+        saved = state.load()
+        self.hub.restore(saved.machines, saved.epoch, saved.seq, saved.frames)
+        log.info("--state-dir %s: %s; %d machine(s), %d event(s) of history",
+                 state.path, saved.note, len(saved.machines), len(saved.frames))
+        # At once not clean: a crash from now on must start a new epoch.
+        self._save_registry(state)
+
+    def _save_registry(self, state: StateDir) -> bool:
+        hub = self.hub
+        return state.write_state(state.encode_state(
+            hub.registry.entries(), hub.history.epoch, hub.seq, clean=False))
+
+    async def _save_periodically(self, state: StateDir) -> None:
+        hub = self.hub
+        saved_at = hub.accepted
+        while True:
+            await asyncio.sleep(self.config.state_interval)
+            if hub.accepted == saved_at:
+                continue  # only accepted events change the registry
+            saved_at = hub.accepted
+            # Serialised here, between events, so that it is one consistent
+            # registry; written from a thread, so a slow disk never stalls the loop.
+            data = state.encode_state(hub.registry.entries(), hub.history.epoch, hub.seq,
+                                      clean=False)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(state.write_state, data))
+            await asyncio.shield(self._writing)
+
+    async def _save_clean(self, state: StateDir) -> None:
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.cancel()
+        if self._writing is not None:
+            # A write already in its thread finishes first, or it could land
+            # after the clean record and hide it.
+            await asyncio.wait([self._writing])
+        hub = self.hub
+        history = hub.history
+        # The history first: a stop between the two files leaves a record that
+        # is not clean, and then a new epoch, never a resume over a gap.
+        frames = history.frames(history.first_seq, history.last_seq)
+        if state.write_history(history.epoch, history.last_seq, frames):
+            state.write_state(state.encode_state(hub.registry.entries(), history.epoch, hub.seq,
+                                                 clean=True))
 
     def _close_socket(self) -> None:
         if self._sock is not None:

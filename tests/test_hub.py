@@ -80,7 +80,7 @@ def test_receive_frame_and_splice(primitives, dgram_pair):
         b"x" * (MAX_DATAGRAM + 1),  # too large: reported, never cut
         b'[[[{"a":[1]}]]]',
         b"",
-        b"y" * 200,  # a 126-byte-or-more payload gets the two-byte length
+        b'{"type":"t","pad":"' + b"y" * 200 + b'"}',  # 126 bytes or more: a two-byte length
     ]
     for datagram in datagrams:
         sender.send(datagram)
@@ -88,26 +88,30 @@ def test_receive_frame_and_splice(primitives, dgram_pair):
     batch.attach(receiver)
     assert batch.receive() == len(datagrams)
     assert [batch.size(i) for i in range(len(datagrams))] == [
-        len(datagrams[0]), len(datagrams[1]), -1, len(datagrams[3]), 0, 200]
+        len(datagrams[0]), len(datagrams[1]), -1, len(datagrams[3]), 0, len(datagrams[5])]
     assert bytes(batch.view(0)) == batch.raw(0) == datagrams[0]
     assert orjson.loads(batch.view(0))["state"] == "b"
     assert batch.brackets(3) == 5
-    batch.splice(0, b'"a"')
-    batch.splice(1, b"null")
-    batch.frame(3)
-    batch.frame(4)
-    batch.frame(5)
+    batch.frame(0, 7, b'"a"')
+    batch.frame(1, 8, b"null")
+    for i in (2, 3, 4):  # over-size, an array, empty: never framed
+        with pytest.raises(ValueError):
+            batch.frame(i, 9)
+    batch.frame(5, 18446744073709551615)  # the largest seq there is
     batch.add(b'{"type":"ping"}')
-    assert batch.framed == 6
+    assert batch.framed == 4
     data = batch.take()
     assert batch.nbytes == len(data)
-    assert _unframe(data) == [
-        b'{"type":"state_change","machine_id":"m","state":"b","previous_state":"a"}',
-        b'{"type":"state_change","state":"c","previous_state":null}',
-        datagrams[3], b"", datagrams[5], b'{"type":"ping"}',
+    expected = [
+        b'{"type":"state_change","machine_id":"m","state":"b","previous_state":"a","seq":7}',
+        b'{"type":"state_change","state":"c","previous_state":null,"seq":8}',
+        datagrams[5][:-1] + b',"seq":18446744073709551615}', b'{"type":"ping"}',
     ]
+    assert _unframe(data) == expected
+    assert [_unframe(frame) for frame in batch.frames()] == [[e] for e in expected]
+    assert b"".join(batch.frames()) == data
     batch.clear()
-    assert (batch.framed, batch.nbytes, batch.take()) == (0, 0, b"")
+    assert (batch.framed, batch.nbytes, batch.take(), batch.frames()) == (0, 0, b"", [])
     assert batch.receive() == 0  # the socket is empty
 
 
@@ -124,9 +128,11 @@ def test_a_batch_larger_than_the_slots_takes_several_receives(primitives, dgram_
         assert n <= primitives.SLOTS
         got += [batch.raw(i) for i in range(n)]
         for i in range(n):
-            batch.frame(i)
+            batch.frame(i, len(got) - n + i + 1)
     assert got == sent
-    assert _unframe(batch.take()) == sent  # frames accumulate across receives
+    # Frames accumulate across receives.
+    assert _unframe(batch.take()) == [d[:-1] + b',"seq":%d}' % (i + 1) for i, d in enumerate(sent)]
+    assert len(batch.frames()) == len(sent)
 
 
 def test_the_buffer_grows_past_its_first_capacity(primitives, dgram_pair):
@@ -139,11 +145,11 @@ def test_the_buffer_grows_past_its_first_capacity(primitives, dgram_pair):
     sender.send(big)
     sender.send(big)
     assert batch.receive() == 2
-    batch.frame(0)
-    batch.splice(1, b'"s"')
+    batch.frame(0, 1)
+    batch.frame(1, 2, b'"s"')
     first, second = _unframe(batch.take())
-    assert first == big
-    assert second == big[:-1] + b',"previous_state":"s"}'
+    assert first == big[:-1] + b',"seq":1}'
+    assert second == big[:-1] + b',"previous_state":"s","seq":2}'
 
 
 def test_twins_agree_byte_for_byte(dgram_pair):
@@ -155,12 +161,14 @@ def test_twins_agree_byte_for_byte(dgram_pair):
     for module in modules:
         batch = module.Batch(MAX_DATAGRAM)
         batch.attach(receiver)
-        for payload in (b'{"type":"state_change"}', b'{"a":1}  ', b"z" * 300, b"{}"):
+        for payload in (b'{"type":"state_change"}', b'{"a":1}  ', b'{"z":"' + b"z" * 300 + b'"}',
+                        b"{}", b'{"b":2}\r\n'):
             sender.send(payload)
-        assert batch.receive() == 4
-        for i in range(4):
-            (batch.splice(i, orjson.dumps(i)) if i % 2 else batch.frame(i))
-        outputs.append(batch.take())
+        assert batch.receive() == 5
+        for i in range(5):
+            batch.frame(i, 10**i, orjson.dumps(i) if i % 2 else None)
+        batch.add(b'{"type":"ping"}')
+        outputs.append((batch.take(), batch.frames()))
     assert outputs[0] == outputs[1]
 
 

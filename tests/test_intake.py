@@ -92,7 +92,8 @@ async def test_any_type_relayed_and_registry_tracks_activity(relay):
         relay.emit("state_change", "reg", state="one", timestamp=1000.5)
         relay.emit("heartbeat", "reg", timestamp=1001.25, data={"load": 3})
         events = await recv_events(ws, 3)
-    assert events[0] == {"type": "custom.thing", "extra": [1, 2, 3]}
+    assert events[0] == {"type": "custom.thing", "extra": [1, 2, 3], "seq": 1}
+    assert [e["seq"] for e in events] == [1, 2, 3]
     (machine,) = orjson.loads(relay.get("/api/machines")[1])
     assert machine == {"id": "reg", "current_state": "one", "previous_state": None,
                        "last_activity": 1001.25, "data": {"load": 3}}

@@ -68,7 +68,7 @@ def test_snapshot_survives_an_entry_that_cannot_be_serialised():
     for _ in range(300):
         deep = [deep]
     registry.machines["bad"]["data"] = deep
-    initial = orjson.loads(registry.snapshot_payload())
+    initial = orjson.loads(registry.snapshot_payload("e", 0))
     assert initial["type"] == "initial"
     assert {m["id"]: m["data"] for m in initial["machines"]} == {"good": {"k": 1}, "bad": None}
     assert [m["id"] for m in orjson.loads(registry.machines_payload())] == ["good", "bad"]
