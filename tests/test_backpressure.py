@@ -312,7 +312,8 @@ def masked_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + _MASK + body
 
 
-async def raw_handshake(link: Any, relay: Any, rcvbuf: int = 4096) -> socket.socket:
+async def raw_handshake(link: Any, relay: Any, rcvbuf: int = 4096,
+                        target: str = "/ws/events") -> socket.socket:
     """Complete a WebSocket handshake on a raw socket with a small receive buffer.
 
     The caller then sends what it likes and reads nothing (or reads later with
@@ -320,7 +321,7 @@ async def raw_handshake(link: Any, relay: Any, rcvbuf: int = 4096) -> socket.soc
     """
     sock = await open_socket(link, relay, rcvbuf)
     key = base64.b64encode(os.urandom(16)).decode()
-    request = (f"GET /ws/events HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\nUpgrade: websocket\r\n"
+    request = (f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\nUpgrade: websocket\r\n"
                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(sock, request.encode())
