@@ -65,7 +65,12 @@ def extensions() -> list[Extension]:
     if missing:
         if MUST_BUILD:
             sys.exit(f"fastrelay: FASTRELAY_BUILD_EXTENSION=yes but {', '.join(missing)} is missing")
+        print(f"fastrelay: pure build, {', '.join(missing)} missing from the sources", file=sys.stderr)
         return []
+    # _hub_c.py is a link to hub.py in git, but an sdist may hold a copy: the
+    # compiled hub must be the same algorithm the pure backend runs.
+    if (HERE / "fastrelay" / "_hub_c.py").read_bytes() != (HERE / "fastrelay" / "hub.py").read_bytes():
+        sys.exit("fastrelay: fastrelay/_hub_c.py differs from fastrelay/hub.py; it must be the same file")
     try:
         from Cython.Build import cythonize
     except ImportError as exc:
