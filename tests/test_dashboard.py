@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -270,6 +271,202 @@ def test_reconnects_after_relay_restart(relay: Relay, relay_factory: RelayFactor
     assert shown_rows(page) == {"r-1": "after", "r-3": "fresh"}
     assert page.get_attribute("#conn", "data-status") == "connected"
     assert page.evaluate("fastrelayDashboard.stats.initials") >= 2
+
+
+_LOG_MESSAGES_JS = (
+    "() => [...document.querySelectorAll('#log li[data-type=\"log\"] .msg')]"
+    ".map(el => el.textContent).reverse()"
+)
+
+
+def log_messages(page: Any) -> list[str]:
+    """The `message` of each `log` event the log shows, oldest first."""
+    return list(page.evaluate(_LOG_MESSAGES_JS))
+
+
+def wait_log_message(page: Any, message: str, timeout_ms: int = 20_000) -> None:
+    page.wait_for_function(f"(m) => ({_LOG_MESSAGES_JS})().includes(m)", arg=message,
+                           timeout=timeout_ms)
+
+
+def record_ws_urls(page: Any) -> list[str]:
+    """The URL of every WebSocket the page opens from now on."""
+    urls: list[str] = []
+    page.on("websocket", lambda ws: urls.append(ws.url))
+    return urls
+
+
+def test_resumes_across_clean_restart(relay_factory: RelayFactory, tmp_path: Any,
+                                      page: Any) -> None:
+    from fastrelay import Emitter
+
+    state_dir = str(tmp_path / "state")
+    relay = relay_factory.start("--state-dir", state_dir, ping_interval=PING_INTERVAL)
+    relay.state("k-1", "before")
+    ws_urls = record_ws_urls(page)
+    open_dashboard(page, relay)
+    wait_states(page, {"k-1": "before"})
+    epoch = relay.health()["epoch"]
+    assert page.evaluate("fastrelayDashboard.model.epoch") == epoch
+
+    messages = [f"m-{i:02d}" for i in range(14)]
+    for m in messages[:5]:
+        relay.emit("log", "k-1", message=m)
+    wait_log_message(page, messages[4])
+    sys_before = page.eval_on_selector_all("#log li.sys", "els => els.map(e => e.textContent)")
+
+    # Accepted just before the stop: the page may or may not have had them.
+    emitter = Emitter(relay.socket_path, hold=30)  # a generous hold: a deadline, not a speed
+    try:
+        seq = relay.health()["seq"]
+        for m in messages[5:8]:
+            assert emitter.emit("log", "k-1", message=m)
+        relay.wait_for(lambda: relay.health()["seq"] >= seq + 3, what="3 more events accepted")
+        rc = relay.stop()
+        assert rc == 0, "relay did not exit cleanly on SIGTERM (code {}):\n{}".format(
+            rc, "\n".join(relay.output))
+        page.wait_for_function(
+            "() => document.getElementById('conn').dataset.status !== 'connected'",
+            timeout=5_000)
+        # Kept off the network until the new relay has every event, so that
+        # the ones below reach the page as a replay, not live.
+        page.context.set_offline(True)
+
+        # Emitted while no relay listens: the emitter holds them for the next one.
+        for m in messages[8:11]:
+            assert emitter.emit("log", "k-1", message=m)
+        assert emitter.emit("state_change", "k-1", state="during")
+        relay = relay_factory.start("--state-dir", state_dir, port=relay.port,
+                                    socket_path=relay.socket_path, ping_interval=PING_INTERVAL)
+        assert relay.health()["epoch"] == epoch
+        assert emitter.flush(timeout=20), emitter.stats()
+    finally:
+        emitter.close()
+    # After the held ones, so the stream's order is the list's order.
+    for m in messages[11:]:
+        relay.emit("log", "k-1", message=m)
+    # m-05 to m-13 and the state change, all in the new relay's history.
+    relay.wait_for(lambda: relay.health()["seq"] >= seq + 10, what="the missed events")
+    assert not page.evaluate("fastrelayDashboard.connected")
+    page.context.set_offline(False)  # from here the page reconnects by itself
+
+    page.wait_for_function("() => fastrelayDashboard.connected", timeout=20_000)
+    wait_log_message(page, messages[-1])
+    wait_states(page, {"k-1": "during"})
+    # The log kept its lines across the reconnect and shows every event once, in order.
+    assert log_messages(page) == messages
+    shown = page.evaluate(
+        "() => fastrelayDashboard.model.log.filter(e => !e.sys && e.type === 'log')"
+        ".map(e => [e.msg.message, e.msg.seq])")
+    assert [m for m, _ in shown] == messages
+    seqs = [s for _, s in shown]
+    assert seqs == sorted(set(seqs)), seqs
+    sys_after = page.eval_on_selector_all("#log li.sys", "els => els.map(e => e.textContent)")
+    assert all(line in sys_after for line in sys_before)
+    assert page.query_selector("#log li.gap") is None
+    stats = page.evaluate("({...fastrelayDashboard.stats})")
+    assert stats["initials"] == 1 and stats["resumed"] == 1 and stats["rebuilt"] == 0, stats
+    assert page.evaluate("fastrelayDashboard.model.seq") == relay.health()["seq"]
+
+    # It asked to resume, and the relay resumed it from the history it kept.
+    assert "epoch=" not in ws_urls[0], ws_urls
+    assert f"epoch={epoch}&since=" in ws_urls[-1], ws_urls
+    assert relay.health()["resumes"]["resumed"] == 1
+    assert relay.metric("fastrelay_events_replayed_total") >= 7  # at least those after the stop
+
+
+def test_event_delivered_twice_is_applied_once(relay: Relay, page: Any) -> None:
+    # Between the page and the relay, a proxy that hands the page every event
+    # frame twice: the second copy has a seq the page has already processed.
+    doubled: list[int] = []
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+        ws.on_message(server.send)
+
+        def to_page(message: str | bytes) -> None:
+            ws.send(message)
+            frame = json.loads(message)
+            if "seq" in frame and frame.get("type") not in ("initial", "resumed"):
+                doubled.append(frame["seq"])
+                ws.send(message)
+
+        server.on_message(to_page)
+
+    page.route_web_socket("**/ws/events*", route)
+    relay.state("d-1", "one")
+    open_dashboard(page, relay)
+    messages = [f"d-{i}" for i in range(5)]
+    for m in messages:
+        relay.emit("log", "d-1", message=m)
+    relay.state("d-1", "two")
+    wait_log_message(page, messages[-1])
+    wait_states(page, {"d-1": "two"})
+    page.wait_for_function("(n) => fastrelayDashboard.stats.duplicates >= n", arg=6,
+                           timeout=10_000)
+    assert log_messages(page) == messages
+    stats = page.evaluate("({...fastrelayDashboard.stats})")
+    assert stats["events"] == 6 and stats["duplicates"] == 6, (stats, doubled)
+    count = page.evaluate("fastrelayDashboard.model.machines.get('d-1').count")
+    assert count == 6
+
+
+def test_rebuilds_after_unclean_restart(relay_factory: RelayFactory, tmp_path: Any,
+                                        page: Any) -> None:
+    state_dir = str(tmp_path / "state")
+    relay = relay_factory.start("--state-dir", state_dir, ping_interval=PING_INTERVAL)
+    relay.state("u-1", "before")
+    relay.state("u-2", "only-before")
+    ws_urls = record_ws_urls(page)
+    open_dashboard(page, relay, "?token=unused")  # an extra parameter it must keep
+    wait_states(page, {"u-1": "before", "u-2": "only-before"})
+    epoch = relay.health()["epoch"]
+    messages = [f"g-{i}" for i in range(3)]
+    for m in messages:
+        relay.emit("log", "u-1", message=m)
+    wait_log_message(page, messages[-1])
+
+    relay.stop(signal.SIGKILL)
+    page.wait_for_function(
+        "() => document.getElementById('conn').dataset.status !== 'connected'", timeout=5_000)
+    # No clean-shutdown record: the registry as last saved, and a new epoch.
+    relay = relay_factory.start("--state-dir", state_dir, port=relay.port,
+                                socket_path=relay.socket_path, ping_interval=PING_INTERVAL)
+    assert relay.health()["epoch"] != epoch
+    relay.state("u-1", "after")
+    relay.state("u-3", "fresh")
+    page.wait_for_function(
+        "() => fastrelayDashboard.connected && fastrelayDashboard.stats.initials >= 2",
+        timeout=20_000)
+    # Emitted once the page is back, so it comes as an event, not in the snapshot.
+    relay.emit("log", "u-3", message="after the gap")
+    wait_log_message(page, "after the gap")
+    wait_states(page, {"u-1": "after", "u-3": "fresh"})
+    # Rebuilt from the new relay's snapshot: the grid is what the relay knows.
+    status, body, _ = relay.get("/api/machines")
+    assert status == 200
+    known = {m["id"]: m["current_state"] for m in json.loads(body)}
+    page.wait_for_function(
+        "(n) => document.querySelectorAll('tr[data-machine-id]').length === n",
+        arg=len(known), timeout=5_000)
+    assert shown_rows(page) == known
+
+    # The earlier lines stay, the gap is marked once, between them and the new ones.
+    assert log_messages(page) == [*messages, "after the gap"]
+    gaps = page.eval_on_selector_all("#log li.gap", "els => els.map(e => e.textContent)")
+    assert len(gaps) == 1 and "events in between may be missing" in gaps[0], gaps
+    order = page.eval_on_selector_all(
+        "#log li", "els => els.map(e => e.classList.contains('gap') ? 'gap' : "
+        "(e.querySelector('.msg') || {}).textContent)")
+    assert order.index("after the gap") < order.index("gap") < order.index(messages[-1]), order
+    stats = page.evaluate("({...fastrelayDashboard.stats})")
+    assert stats["initials"] == 2 and stats["rebuilt"] == 1 and stats["resumed"] == 0, stats
+    assert page.evaluate("fastrelayDashboard.model.epoch") == relay.health()["epoch"]
+
+    # It did ask to resume (token kept), and the relay could not.
+    assert "token=unused" in ws_urls[-1] and f"epoch={epoch}&since=" in ws_urls[-1], ws_urls
+    resumes = relay.health()["resumes"]
+    assert resumes["unknown_epoch"] == 1 and resumes["resumed"] == 0, resumes
 
 
 def test_pings_answered_and_connection_kept(relay: Relay, page: Any) -> None:

@@ -7,8 +7,14 @@
 // lines. That is what keeps the tab responsive at thousands of events per
 // second: the cost of a frame follows what is on screen, not the event rate.
 //
+// Resume (DESIGN §7): the page remembers the relay's epoch and the seq of the
+// last event it applied, and reconnects with ?epoch=&since=. A `resumed` reply
+// keeps the grid and the log, and the missed events follow as live ones; an
+// `initial` instead rebuilds the grid and says in the log that events may be
+// missing. An event whose seq was already applied in this epoch is skipped.
+//
 // Tests and scripts read `tr[data-machine-id][data-state]`, `#conn[data-status]`,
-// `#log li[data-type][data-machine-id]` and `window.fastrelayDashboard`.
+// `#log li[data-type][data-machine-id]`, `#log li.gap` and `window.fastrelayDashboard`.
 (function () {
   'use strict';
 
@@ -38,6 +44,8 @@
     machines: new Map(),    // id -> machine (see newMachine)
     log: [],                // newest last; trimmed to CFG.logCap
     logSeq: 0,              // seq of the newest log entry ever pushed
+    epoch: null,            // the relay's stream epoch, from initial/resumed
+    seq: 0,                 // seq of the last relayed event applied in that epoch
     serverOffset: 0,        // server clock - local clock, seconds
     health: null,           // last /healthz answer
     healthOk: null,
@@ -47,6 +55,7 @@
   const stats = {
     messages: 0, events: 0, initials: 0, pings: 0, pongs: 0, badFrames: 0,
     connects: 0, closes: 0, renders: 0, lastRenderMs: 0, maxRenderMs: 0,
+    resumed: 0, rebuilt: 0, duplicates: 0, seqGaps: 0,
     eventsPerSec: 0, lastClose: null,
   };
 
@@ -135,7 +144,23 @@
     schedule();
   }
 
+  // The stream's position as the relay states it: a non-negative integer, or null.
+  function seqOf(v) { return Number.isSafeInteger(v) && v >= 0 ? v : null; }
+
+  /** Take up the stream position of an initial or resumed message. */
+  function notePosition(msg) {
+    model.epoch = typeof msg.epoch === 'string' && msg.epoch !== '' ? msg.epoch : null;
+    model.seq = seqOf(msg.seq) ?? 0;
+  }
+
   function applyEvent(msg) {
+    const seq = seqOf(msg.seq);
+    if (seq !== null && model.epoch !== null) {
+      // Never twice: a replay may overlap what this page already applied.
+      if (seq <= model.seq) { stats.duplicates++; return; }
+      if (seq > model.seq + 1) stats.seqGaps++;
+      model.seq = seq;
+    }
     stats.events++;
     const ts = num(msg.timestamp) ?? serverNow();
     const rawId = msg.machine_id;
@@ -165,6 +190,23 @@
     pushLog(msg, ts);
   }
 
+  function applyResumed(msg) {
+    stats.resumed++;
+    const since = seqOf(msg.since);
+    const last = seqOf(msg.seq);
+    if (msg.epoch !== model.epoch || since === null || since > model.seq) {
+      // Not the position this page asked for (the relay would not do this):
+      // start over from a snapshot, which then marks the gap in the log.
+      model.epoch = null;
+      starting = true;
+      send('{"type":"refresh"}');
+      return;
+    }
+    const missed = last === null ? 0 : Math.max(0, last - model.seq);
+    pushSys('resumed after seq ' + model.seq + ': ' + missed.toLocaleString('en-US') +
+      (missed === 1 ? ' missed event follows' : ' missed events follow'));
+  }
+
   function onFrame(text) {
     if (typeof text !== 'string') { stats.badFrames++; return; }
     let msg;
@@ -179,10 +221,27 @@
         notePing(msg);
         return;
       case 'initial':
+        if (starting) {
+          starting = false;
+          // A reconnect that could not resume: whatever happened in between
+          // is not in the log. Say so; the snapshot below rebuilds the grid.
+          if (stats.initials > 0 && !(msg.epoch === model.epoch && seqOf(msg.seq) === model.seq)) {
+            stats.rebuilt++;
+            pushSys('reconnected: rebuilt from a fresh snapshot; events in between may be missing', 'gap');
+          }
+        }
+        // A refresh reply too: the events after it start at its seq + 1.
+        notePosition(msg);
         applyInitial(msg);
         // The relay answered with its snapshot: this connection is healthy.
         attempt = 0;
         pollHealth();  // its client count now includes this page
+        return;
+      case 'resumed':
+        starting = false;
+        applyResumed(msg);
+        attempt = 0;
+        pollHealth();
         return;
       default:
         applyEvent(msg);
@@ -199,8 +258,8 @@
     schedule();
   }
 
-  function pushSys(text) {
-    const e = { seq: ++model.logSeq, ts: serverNow(), type: 'relay', mid: undefined, msg: null, text: null, sys: true, note: text };
+  function pushSys(text, mark) {
+    const e = { seq: ++model.logSeq, ts: serverNow(), type: 'relay', mid: undefined, msg: null, text: null, sys: true, note: text, mark: mark };
     model.log.push(e);
     if (model.log.length > CFG.logCap * 2) model.log.splice(0, model.log.length - CFG.logCap);
     logDirty = true;
@@ -219,6 +278,7 @@
   let lastPingAt = 0;
   let pingIntervalMs = 0;      // learned from the relay's pings
   let unreachableSince = 0;    // performance.now() of the first failure in a row
+  let starting = false;        // this connection's initial or resumed is still to come
 
   function setStatus(s) {
     if (status !== s) {
@@ -240,6 +300,10 @@
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     let url = scheme + '//' + location.host + model.wsPath;
     if (token !== null) url += (url.indexOf('?') >= 0 ? '&' : '?') + 'token=' + encodeURIComponent(token);
+    if (model.epoch !== null) {
+      url += (url.indexOf('?') >= 0 ? '&' : '?') + 'epoch=' + encodeURIComponent(model.epoch) +
+        '&since=' + model.seq;
+    }
     return url;
   }
 
@@ -256,6 +320,7 @@
       return;
     }
     ws = sock;
+    starting = true;
     sock.onopen = function () {
       if (ws !== sock) return;
       openedAt = performance.now();
@@ -698,7 +763,8 @@
       const pairs = function (obj, skipOwn) {
         for (const k in obj) {
           if (skipOwn) {
-            if (k === 'type' || k === 'machine_id' || k === 'timestamp' || k === 'level' || k === 'message') continue;
+            // seq is the relay's stream position, not what the event says.
+            if (k === 'type' || k === 'machine_id' || k === 'timestamp' || k === 'seq' || k === 'level' || k === 'message') continue;
             if (typeof msg.state === 'string' && (k === 'state' || k === 'previous_state')) continue;
             if (k === 'data' && obj.data && typeof obj.data === 'object' && !Array.isArray(obj.data)) {
               pairs(obj.data, false);
@@ -729,7 +795,7 @@
     const li = document.createElement('li');
     li.dataset.type = e.type;
     li.dataset.seq = String(e.seq);
-    if (e.sys) li.className = 'sys';
+    if (e.sys) li.className = e.mark ? 'sys ' + e.mark : 'sys';
     if (e.mid !== undefined && e.mid !== null) li.dataset.machineId = String(e.mid);
     const t = document.createElement('time');
     t.textContent = fmtClock(e.ts);
