@@ -54,7 +54,10 @@ DROP_REASONS = ("no_relay", "backlog_full", "too_large", "unserializable", "os_e
 
 # A connected datagram socket whose relay went away reports one of these; the
 # relay may have restarted on the same path, so reconnect once before giving up.
-_GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET})
+# EPIPE: the relay is stopping and has shut its socket for reading (it takes
+# what was queued before that, and the rest waits here for the next relay).
+_GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.ECONNRESET,
+                          errno.EPIPE})
 _FLUSH_POLL_MS = 100  # how often the flusher re-checks a relay that stopped answering POLLOUT
 # How often the flusher looks for a relay while none listens: a restart is seen
 # within this, and an absent relay costs one connect() per look, not a spin.
@@ -242,7 +245,8 @@ class Emitter:
         except OSError as exc:
             if exc.errno in _GONE_ERRNOS:
                 self._close_socket()
-                fresh = self._connect() if retry else None
+                # EPIPE: this relay is stopping; reconnecting would find the same one.
+                fresh = self._connect() if retry and exc.errno != errno.EPIPE else None
                 if fresh is not None:
                     return self._send_now(fresh, payload, retry=False)
                 return self._relay_absent(payload)
@@ -345,6 +349,13 @@ class Emitter:
             except BlockingIOError:
                 return "full"
             except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    # A relay stopping: its path still connects until it is gone, so
+                    # wait like for an absent one rather than reconnect in a loop.
+                    self._close_socket()
+                    if self._absent_since is None:
+                        self._absent_since = time.monotonic()
+                    return "absent"
                 if exc.errno in _GONE_ERRNOS:
                     self._close_socket()  # the next turn reconnects or finds the relay absent
                     continue

@@ -51,6 +51,9 @@ _loads = orjson.loads
 _dumps = orjson.dumps
 _JSONDecodeError = orjson.JSONDecodeError
 _monotonic = time.monotonic
+#: Drains at most on detach: emitters may refill a socket that was not shut for
+#: reading, and a stop must end.
+_DETACH_DRAINS = 1000
 #: RFC 6455 §7.4.1: the endpoint is going away.
 _GOING_AWAY = 1001
 
@@ -111,8 +114,12 @@ class Hub:
         loop.add_reader(self._fd, self.drain)
 
     def detach(self) -> None:
-        """Stop reading the datagram socket and write what was accepted (the caller closes it)."""
+        """Take what the datagram socket still holds, stop reading it and write what was
+        accepted (the caller closes it; shut for reading first, nothing is left behind)."""
         if self._fd >= 0 and self._loop is not None:
+            for _ in range(_DETACH_DRAINS):
+                if not self.drain():
+                    break
             self._loop.remove_reader(self._fd)
         self._fd = -1
         self._batch.attach(None)

@@ -145,6 +145,13 @@ class RelayServer:
         if self._ws_server is None:
             return
         self._ws_server.close()
+        if self._sock is not None:
+            # Emitters now get EPIPE and keep their events for the next relay,
+            # while the hub takes everything queued before this moment.
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
         shutdown = self.hub.shutdown(grace)
         self._close_socket()
         await shutdown
