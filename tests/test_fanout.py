@@ -12,7 +12,7 @@ EMIT_N = textwrap.dedent("""
     import sys
     from fastrelay import Emitter
     emitter = Emitter(sys.argv[1])
-    ok = sum(emitter.emit("burst", "fan", seq=i, pad="p" * 64) for i in range(int(sys.argv[2])))
+    ok = sum(emitter.emit("burst", "fan", n=i, pad="p" * 64) for i in range(int(sys.argv[2])))
     flushed = emitter.flush(60)
     print(ok, sum(emitter.dropped.values()), flushed)
 """)
@@ -38,7 +38,7 @@ async def test_thousand_clients_each_receive_a_burst_of_thousand(relay):
     expected = list(range(1000))
     for client in clients:
         assert client.messages[0]["type"] == "initial"
-        assert [e["seq"] for e in client.events()] == expected
+        assert [e["n"] for e in client.events()] == expected
     health = relay.health()
     assert health["events"]["relayed"] == 1000 * 1000
     assert health["closed"] == dict.fromkeys(health["closed"], 0)
