@@ -6,7 +6,8 @@ Emitting is all most processes need, and it stays light::
     fastrelay.emit("state_change", "worker-123", state="processing", data={"job_id": "task-456"})
 
 ``import fastrelay`` loads only the emitter (stdlib + orjson). The server side
-(``RelayServer``, picows, uvloop) is imported on first use of those names.
+(``RelayServer``, picows, uvloop) and the consumer (``Subscriber``) are imported
+on first use of those names.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from .emit import Emitter, default_emitter, emit, send_event
 
 if TYPE_CHECKING:
     from .server import RelayServer
+    from .subscriber import Subscriber
 
 __all__ = [
     "BACKEND",
     "Emitter",
     "RelayServer",
+    "Subscriber",
     "__version__",
     "default_emitter",
     "emit",
@@ -40,4 +43,8 @@ def __getattr__(name: str) -> Any:
         from .server import RelayServer
 
         return RelayServer
+    if name == "Subscriber":
+        from .subscriber import Subscriber
+
+        return Subscriber
     raise AttributeError(f"module 'fastrelay' has no attribute {name!r}")

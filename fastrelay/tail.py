@@ -1,21 +1,28 @@
-"""`fastrelay tail`: print each event on one readable line as it arrives."""
+"""`fastrelay tail`: print each event on one readable line as it arrives.
+
+Built on :class:`fastrelay.Subscriber`: it reconnects after a relay restart and
+resumes where it left off, silently; when the relay could not resume, it says
+so in one line before the fresh ``initial``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
 import signal
 import sys
 import time
 from typing import Any, TextIO
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from .subscriber import Subscriber
 
 __all__ = ["format_event", "tail"]
 
-_PONG = b'{"type":"pong"}'
+#: Not shown among an event's other fields: they have their own place in the line,
+#: or (``seq``) are the stream's bookkeeping rather than the emitter's data.
+_SHOWN_APART = frozenset({"type", "timestamp", "machine_id", "state", "previous_state", "seq"})
 
 
 def format_event(event: Any) -> str:
@@ -38,73 +45,55 @@ def format_event(event: Any) -> str:
         parts.append(str(event["machine_id"]))
     if "state" in event:
         parts.append(f"{event.get('previous_state')} -> {event['state']}")
-    rest = {k: v for k, v in event.items()
-            if k not in ("type", "timestamp", "machine_id", "state", "previous_state")}
+    rest = {k: v for k, v in event.items() if k not in _SHOWN_APART}
     if rest:
         parts.append(orjson.dumps(rest).decode())
     return " ".join(parts)
 
 
-class _Printer(WSListener):
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code())
-            transport.disconnect()
-            return
-        if frame.msg_type is not WSMsgType.TEXT:
-            return
-        try:
-            event = orjson.loads(frame.get_payload_as_bytes())
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict) and event.get("type") == "ping":
-            transport.send(WSMsgType.TEXT, _PONG)
-            return
-        self.out.write(format_event(event) + "\n")
-        self.out.flush()
+def _rebuilt_line(message: dict[str, Any]) -> str:
+    return (f"# could not resume: events may have been missed; rebuilt from a fresh initial "
+            f"(epoch {message.get('epoch')}, seq {message.get('seq')})")
 
 
-def _with_token(url: str, token: str | None) -> str:
-    if not token:
-        return url
-    parts = urlsplit(url)
-    query = (parts.query + "&" if parts.query else "") + urlencode({"token": token})
-    return urlunsplit(parts._replace(query=query))
-
-
-async def _tail(url: str, out: TextIO) -> None:
+async def _tail(url: str, token: str | None, out: TextIO) -> None:
+    # The subscriber reports connects, failures and disconnects on its logger:
+    # shown on stderr as the comment lines they have always been.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("# %(message)s"))
+    logger = logging.getLogger("fastrelay.subscriber")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    subscriber = Subscriber(url, token=token)
+
+    async def follow() -> None:
+        initials = 0
+        async for message in subscriber:
+            if message.get("type") == "initial":
+                initials += 1
+                if initials > 1:  # a resumed reconnect yields no initial
+                    out.write(_rebuilt_line(message) + "\n")
+            out.write(format_event(message) + "\n")
+            out.flush()
+
+    following = asyncio.ensure_future(follow())
     stopping = asyncio.ensure_future(stop.wait())
-    delay = 0.5
-    transport = None
-    while not stop.is_set():
-        try:
-            transport, _ = await ws_connect(lambda: _Printer(out), url)
-        except Exception as exc:  # refused, reset, handshake error: keep tailing
-            print(f"# cannot connect to {url}: {exc}; retrying in {delay:.1f} s", file=sys.stderr)
-        else:
-            delay = 0.5
-            print(f"# connected to {url}", file=sys.stderr)
-            gone = asyncio.ensure_future(transport.wait_disconnected())
-            await asyncio.wait({gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if stop.is_set():
-                transport.send_close(WSCloseCode.GOING_AWAY)
-                transport.disconnect()
-                gone.cancel()
-                return
-            print("# disconnected", file=sys.stderr)
-        pause = delay * (0.5 + random.random())
-        await asyncio.wait({stopping}, timeout=pause)
-        delay = min(delay * 2, 10.0)
+    try:
+        await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        await subscriber.close()
+        await following  # ends once closed; re-raises what stopped it otherwise
+        logger.removeHandler(handler)
 
 
 def tail(url: str, *, token: str | None = None, out: TextIO = sys.stdout) -> int:
-    """Follow ``url`` until SIGINT or SIGTERM, reconnecting with backoff; returns the exit code."""
-    asyncio.run(_tail(_with_token(url, token), out))
+    """Follow ``url`` until SIGINT or SIGTERM, reconnecting with backoff and resuming where it
+    left off; returns the exit code."""
+    asyncio.run(_tail(url, token, out))
     return 0
