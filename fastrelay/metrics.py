@@ -6,7 +6,7 @@ the hub's integers into metric families only when /metrics is requested.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -39,19 +39,13 @@ class _HubCollector:
             "fastrelay_events_accepted", "Datagrams accepted and relayed.", value=stats.accepted)
         yield CounterMetricFamily(
             "fastrelay_events_relayed", "Event deliveries (events x clients).", value=stats.relayed)
-        rejected = CounterMetricFamily(
-            "fastrelay_events_rejected", "Datagrams dropped, by reason.", labels=["reason"])
-        for reason, n in stats.rejects.items():
-            rejected.add_metric([reason], n)
-        yield rejected
+        yield _counters("fastrelay_events_rejected", "Datagrams dropped, by reason.", "reason",
+                        stats.rejects)
         yield GaugeMetricFamily(
             "fastrelay_clients_connected", "WebSocket clients receiving events.",
             value=stats.clients)
-        closed = CounterMetricFamily(
-            "fastrelay_clients_closed", "Clients gone, by reason.", labels=["reason"])
-        for reason, n in stats.closed.items():
-            closed.add_metric([reason], n)
-        yield closed
+        yield _counters("fastrelay_clients_closed", "Clients gone, by reason.", "reason",
+                        stats.closed)
         yield GaugeMetricFamily(
             "fastrelay_client_bytes_owed", "Bytes queued for clients, in the relay and its transports.",
             value=stats.owed_bytes)
@@ -79,17 +73,23 @@ class _HubCollector:
         yield GaugeMetricFamily(
             "fastrelay_history_oldest_seq", "Seq of the oldest event in the history (0: empty).",
             value=stats.history_oldest_seq or 0)
-        resumes = CounterMetricFamily(
-            "fastrelay_resumes", "Requests to resume, by outcome.", labels=["outcome"])
-        for outcome, n in stats.resumes.items():
-            resumes.add_metric([outcome], n)
-        yield resumes
+        yield _counters("fastrelay_resumes", "Requests to resume, by outcome.", "outcome",
+                        stats.resumes)
         yield CounterMetricFamily(
             "fastrelay_events_replayed", "Events sent from the history to resuming clients.",
             value=stats.replayed)
         yield GaugeMetricFamily(
             "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",
             value=self.monitor.last_lag)
+
+
+def _counters(name: str, documentation: str, label: str,
+              counts: Mapping[str, int]) -> CounterMetricFamily:
+    """One counter family with a sample per ``label`` value."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, n in counts.items():
+        family.add_metric([value], n)
+    return family
 
 
 def _batch_histogram(stats: HubStats) -> HistogramMetricFamily:
