@@ -24,14 +24,15 @@ what happened, for those who want to know.
 
 Memory is bounded by backpressure, not by dropping: messages wait for the
 consumer in a queue of at most ``max_queue`` messages or ``max_queue_bytes``
-payload bytes (whichever is reached first, plus what one read of the socket
-held). At that bound the subscriber stops reading the socket, so TCP pushes
-back on the relay; it reads again once the consumer has taken half of the
-queue. A consumer that stops iterating therefore costs a bounded queue; the
-relay may close the connection meanwhile (its ping deadline or its per-client
-buffer), and the subscriber reconnects and resumes from the last message it
-queued once the consumer drains, which is lossless while the relay's history
-still holds the events missed.
+payload bytes, whichever is reached first, plus the rest of the one read of
+the socket that crossed it (picows hands over every whole frame a read
+brought, and a read is at most its read buffer). At that bound the subscriber
+stops reading the socket, so TCP pushes back on the relay; it reads again once
+the consumer has taken half of the queue. A consumer that stops iterating
+therefore costs a bounded queue. The relay may close the connection meanwhile
+(its ping deadline or its per-client buffer); the subscriber then reconnects,
+once the consumer has drained, and resumes after the last message it queued,
+which is lossless while the relay's history still holds the events missed.
 """
 
 from __future__ import annotations
@@ -337,6 +338,11 @@ class Subscriber:
             log.warning("%s", self.last_error)
             return None
         assert isinstance(listener, _Connection)
+        if self._closed:
+            # close() came as the handshake completed, and wait_for (3.10, 3.11) may
+            # then return the connection instead of raising CancelledError.
+            transport.disconnect(graceful=False)
+            return None
         self._transport = transport
         self._connections += 1
         if self._connections > 1:

@@ -152,11 +152,12 @@ async def test_a_resume_that_cannot_be_honoured_gets_a_normal_initial(relay_fact
     await relay.until_accepted(10)
     async with await connect(f"{relay.url}?{query.replace('EPOCH', epoch)}") as ws:
         initial = await recv_json(ws)
-        assert initial["type"] == "initial"
-        assert (initial["epoch"], initial["seq"]) == (epoch, 10)
-        assert initial["machines"][0]["current_state"] == "s9"
+        assert initial["type"] == "initial" and initial["epoch"] == epoch
+        # A shared snapshot may be older than the connection; the events since
+        # follow it (catch-up), then live ones: it stays connected.
         relay.emit("tick")
-        assert (await recv_events(ws, 1))[0]["seq"] == 11  # and it stays connected
+        caught_up = await recv_events(ws, 11 - initial["seq"])
+        assert [e["seq"] for e in caught_up] == list(range(initial["seq"] + 1, 12))
     outcomes = relay.health()["resumes"]
     assert outcomes["resumed"] == 0 and sum(outcomes.values()) == 1
 

@@ -223,18 +223,20 @@ async def test_url_with_epoch_and_since_starts_from_there(relay: Relay):
 async def test_a_consumer_that_stops_reading_holds_a_bounded_queue_and_loses_nothing(
         relay_factory: RelayFactory):
     # The subscriber stops reading at its bound, so it also stops answering pings:
-    # the relay closes it, and once the consumer drains it resumes from the history.
-    relay = relay_factory.start(ping_interval=0.2)
-    total, bound, pad = 400, 20, "x" * 1000
+    # the relay closes it (unresponsive, or over its buffer), forgetting what it had
+    # not sent yet; once the consumer drains, the subscriber resumes from the history.
+    # 6 MB is more than the kernel buffers between them hold, so some must be replayed.
+    relay = relay_factory.start("--max-client-buffer", "1MiB", ping_interval=0.2)
+    total, bound, pad = 3000, 20, "x" * 2000
     subscriber = Subscriber(relay.url, max_queue=bound, **FAST)
     first = await asyncio.wait_for(anext(subscriber), 10)
     assert first["type"] == "initial"
     for i in range(total):
         relay.emit("tick", "b", n=i, pad=pad)
-    await relay.until_accepted(total)
+    await relay.until_accepted(total, 30)
     await relay.until_health(lambda h: sum(h["closed"].values()) >= 1, 20,
                              "the relay to close the subscriber that stopped reading")
-    # At most the bound plus what one read of the socket held (16 KiB: ~16 of these).
+    # At most the bound plus what one read of the socket held (16 KiB: 8 of these).
     assert subscriber.pending < bound + 40, subscriber.pending
     got = []
     while len(got) < total:
@@ -243,10 +245,11 @@ async def test_a_consumer_that_stops_reading_holds_a_bounded_queue_and_loses_not
         got.append(message)
     assert [e["n"] for e in got] == list(range(total))
     assert seqs(got) == list(range(1, total + 1))
-    # The relay's close came after what it had already written (the kernel may hold
-    # all of it), so the events can arrive before the reconnect: it follows, and resumes.
+    # The relay's close came after what it had already written, so the last events
+    # can arrive before the reconnect is seen: it follows, and resumes.
     await until(lambda: subscriber.reconnects >= 1 and subscriber.resumes >= 1, 20,
                 "the subscriber to reconnect and resume after the relay closed it")
+    assert relay.metric("fastrelay_events_replayed_total") > 0
     await subscriber.close()
 
 
@@ -258,6 +261,17 @@ async def test_close_ends_a_waiting_iteration(relay: Relay):
     await asyncio.wait_for(reader.task, 10)
     assert subscriber.connected is False
     await relay.until_health(lambda h: h["clients"] == 0, 10, "the relay to see it go")
+
+
+async def test_close_as_the_first_message_arrives_never_hangs(relay: Relay):
+    # The initial comes in the read that completes the handshake, so the consumer
+    # can have it, and close, before the connect returns: that close must hold.
+    for _ in range(20):
+        subscriber = Subscriber(relay.url, **FAST)
+        async with subscriber:
+            assert (await asyncio.wait_for(anext(subscriber), 10))["type"] == "initial"
+        assert subscriber.connected is False
+    await relay.until_health(lambda h: h["clients"] == 0, 10, "every subscriber gone")
 
 
 def test_bad_arguments_raise():
