@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 
 __all__ = ["History", "new_epoch", "parse_resume", "resume_request"]
 
@@ -75,11 +75,10 @@ class History:
         """The seq of the oldest frame held (``last_seq + 1`` when none is)."""
         return self.last_seq - self._count + 1
 
-    def extend(self, frames: Iterable[bytes]) -> None:
+    def extend(self, frames: Sequence[bytes]) -> None:
         """Append the frames of the next events of the stream, in seq order."""
         if not self.enabled:
-            for _ in frames:
-                self.last_seq += 1
+            self.last_seq += len(frames)
             return
         ring = self._ring
         max_events, max_bytes = self.max_events, self.max_bytes
@@ -121,8 +120,9 @@ class History:
         self.nbytes = 0
 
     def holds_after(self, since: int) -> bool:
-        """True when every event after ``since`` up to the last is held (or none exists)."""
-        return self.first_seq - 1 <= since <= self.last_seq and (self.enabled or since == self.last_seq)
+        """True when resume is on and every event after ``since`` up to the last is held
+        (or none exists)."""
+        return self.enabled and self.first_seq - 1 <= since <= self.last_seq
 
     def frame(self, seq: int) -> bytes:
         """The frame of event ``seq``; IndexError when it is not held."""

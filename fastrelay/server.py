@@ -184,12 +184,12 @@ class RelayServer:
         log.info("--state-dir %s: %s; %d machine(s), %d event(s) of history",
                  state.path, saved.note, len(saved.machines), len(saved.frames))
         # At once not clean: a crash from now on must start a new epoch.
-        self._save_registry(state)
+        state.write_state(self._state_record(state, clean=False))
 
-    def _save_registry(self, state: StateDir) -> bool:
+    def _state_record(self, state: StateDir, *, clean: bool) -> bytes:
+        """state.json as the hub stands now (serialised on the loop: one consistent registry)."""
         hub = self.hub
-        return state.write_state(state.encode_state(
-            hub.registry.entries(), hub.history.epoch, hub.seq, clean=False))
+        return state.encode_state(hub.registry.entries(), hub.history.epoch, hub.seq, clean=clean)
 
     async def _save_periodically(self, state: StateDir) -> None:
         hub = self.hub
@@ -199,10 +199,8 @@ class RelayServer:
             if hub.accepted == saved_at:
                 continue  # only accepted events change the registry
             saved_at = hub.accepted
-            # Serialised here, between events, so that it is one consistent
-            # registry; written from a thread, so a slow disk never stalls the loop.
-            data = state.encode_state(hub.registry.entries(), hub.history.epoch, hub.seq,
-                                      clean=False)
+            # Written from a thread, so a slow disk never stalls the loop.
+            data = self._state_record(state, clean=False)
             self._writing = asyncio.ensure_future(asyncio.to_thread(state.write_state, data))
             await asyncio.shield(self._writing)
 
@@ -214,14 +212,12 @@ class RelayServer:
             # A write already in its thread finishes first, or it could land
             # after the clean record and hide it.
             await asyncio.wait([self._writing])
-        hub = self.hub
-        history = hub.history
+        history = self.hub.history
         # The history first: a stop between the two files leaves a record that
         # is not clean, and then a new epoch, never a resume over a gap.
         frames = history.frames(history.first_seq, history.last_seq)
         if state.write_history(history.epoch, history.last_seq, frames):
-            state.write_state(state.encode_state(hub.registry.entries(), history.epoch, hub.seq,
-                                                 clean=True))
+            state.write_state(self._state_record(state, clean=True))
 
     def _close_socket(self) -> None:
         if self._sock is not None:
