@@ -19,11 +19,12 @@ from .emit import Emitter, default_emitter, emit, send_event
 
 if TYPE_CHECKING:
     from .server import RelayServer
-    from .subscriber import Subscriber
+    from .subscriber import FilterRefused, Subscriber
 
 __all__ = [
     "BACKEND",
     "Emitter",
+    "FilterRefused",
     "RelayServer",
     "Subscriber",
     "__version__",
@@ -43,8 +44,8 @@ def __getattr__(name: str) -> Any:
         from .server import RelayServer
 
         return RelayServer
-    if name == "Subscriber":
-        from .subscriber import Subscriber
+    if name in ("Subscriber", "FilterRefused"):
+        from . import subscriber
 
-        return Subscriber
+        return getattr(subscriber, name)
     raise AttributeError(f"module 'fastrelay' has no attribute {name!r}")

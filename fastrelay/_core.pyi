@@ -5,11 +5,13 @@ from collections.abc import Callable, Iterable
 
 from .clients import Client
 
-__all__ = ["SLOTS", "Batch", "frame_text"]
+__all__ = ["SLOTS", "Batch", "fan_out", "frame_text"]
 
 SLOTS: int
 
 def frame_text(payload: bytes) -> bytes: ...
+def fan_out(data: bytes, clients: Iterable[Client],
+            enqueue: Callable[[Client, bytes], bool]) -> list[Client] | None: ...
 
 class Batch:
     max_datagram: int

@@ -8,7 +8,8 @@ Only what must be native is here; the hub's algorithm and policy are
   ``view`` hands orjson a slot without making a bytes object;
 - ``frame`` copies a slot into one batch buffer behind its frame header,
   splicing ``previous_state`` and the stream's ``seq`` into the emitter's bytes;
-- ``send`` writes that buffer to each client's socket with one ``send()`` when
+- ``send`` (and ``fan_out``, for any bytes: a filter's share of a batch)
+  writes that buffer to each client's socket with one ``send()`` when
   nothing is waiting for that client, checked at that moment in its transport
   and its queue (exactly what picows's own fast path does); a client with a
   backlog, or a partial write, gets a Python bytes object, made once per batch.
@@ -18,7 +19,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
-__all__ = ["SLOTS", "Batch", "frame_text"]
+__all__ = ["SLOTS", "Batch", "fan_out", "frame_text"]
 
 cdef extern from "Python.h":
     object PyMemoryView_FromMemory(char* mem, Py_ssize_t size, int flags)
@@ -321,27 +322,38 @@ cdef class Batch:
     def send(self, clients, enqueue, bytes shared=None):
         """Write the buffer to every client; returns those it would put over their bound.
 
-        A client gets the bytes straight on its socket when nothing waits for
-        it in its transport or its queue, checked at this moment; otherwise
-        they join its queue through ``enqueue``. ``shared`` is the buffer's
-        bytes when the caller has them already.
+        See ``fan_out``; ``shared`` is the buffer's bytes when the caller has
+        them already (else they are made once, for the first client that must queue).
         """
-        cdef Py_ssize_t size = self.nbytes, sent
-        cdef char* data = self._out
-        cdef list over = None
-        for client in clients:
-            if not client.queue and not client.buffered():
-                sent = fr_send(client.fd, data, size)
-                if sent == size:
-                    continue
-                if sent < 0:
-                    sent = 0  # let the transport meet the error and close itself
-                client.write(PyBytes_FromStringAndSize(data + sent, size - sent))
-            else:
-                if shared is None:
-                    shared = PyBytes_FromStringAndSize(data, size)
-                if not enqueue(client, shared):
-                    if over is None:
-                        over = []
-                    over.append(client)
-        return over
+        return _fan_out(self._out, self.nbytes, shared, clients, enqueue)
+
+
+def fan_out(bytes data not None, clients, enqueue):
+    """Write ``data`` to every client; returns those it would put over their bound.
+
+    A client gets the bytes straight on its socket when nothing waits for it
+    in its transport or its queue, checked at this moment; otherwise they join
+    its queue through ``enqueue``.
+    """
+    return _fan_out(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), data, clients, enqueue)
+
+
+cdef list _fan_out(char* data, Py_ssize_t size, bytes shared, clients, enqueue):
+    cdef Py_ssize_t sent
+    cdef list over = None
+    for client in clients:
+        if not client.queue and not client.buffered():
+            sent = fr_send(client.fd, data, size)
+            if sent == size:
+                continue
+            if sent < 0:
+                sent = 0  # let the transport meet the error and close itself
+            client.write(PyBytes_FromStringAndSize(data + sent, size - sent))
+        else:
+            if shared is None:
+                shared = PyBytes_FromStringAndSize(data, size)
+            if not enqueue(client, shared):
+                if over is None:
+                    over = []
+                over.append(client)
+    return over

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from ._hubdefs import frame_text
 from .clients import Client
 
-__all__ = ["SLOTS", "Batch", "frame_text"]
+__all__ = ["SLOTS", "Batch", "fan_out", "frame_text"]
 
 #: Datagrams taken per receive (the compiled twin's recvmmsg vector).
 SLOTS = 32
@@ -160,19 +160,27 @@ class Batch:
              shared: bytes | None = None) -> list[Client] | None:
         """Write the buffer to every client; returns those it would put over their bound.
 
-        A client gets the bytes straight on its transport when nothing waits for
-        it there or in its queue, checked at this moment; otherwise they join
-        its queue through ``enqueue``. ``shared`` is the buffer's bytes when the
-        caller has them already.
+        See :func:`fan_out`; ``shared`` is the buffer's bytes when the caller
+        has them already.
         """
-        data = shared if shared is not None else self.take()
-        over: list[Client] | None = None
-        for client in clients:
-            if client.queue or client.buffered():
-                if not enqueue(client, data):
-                    if over is None:
-                        over = []
-                    over.append(client)
-            else:
-                client.write(data)
-        return over
+        return fan_out(shared if shared is not None else self.take(), clients, enqueue)
+
+
+def fan_out(data: bytes, clients: Iterable[Client],
+            enqueue: Callable[[Client, bytes], bool]) -> list[Client] | None:
+    """Write ``data`` to every client; returns those it would put over their bound.
+
+    A client gets the bytes straight on its transport when nothing waits for
+    it there or in its queue, checked at this moment; otherwise they join its
+    queue through ``enqueue``.
+    """
+    over: list[Client] | None = None
+    for client in clients:
+        if client.queue or client.buffered():
+            if not enqueue(client, data):
+                if over is None:
+                    over = []
+                over.append(client)
+        else:
+            client.write(data)
+    return over

@@ -19,6 +19,7 @@ cdef class Hub:
     cdef readonly object peers
     cdef readonly set clients
     cdef readonly set stalled
+    cdef readonly set firehose
     cdef readonly unsigned long long accepted
     cdef readonly unsigned long long relayed
     cdef readonly unsigned long long frames_sent
@@ -27,6 +28,7 @@ cdef class Hub:
     cdef readonly dict rejects
     cdef readonly list batch_histogram
     cdef object _batch
+    cdef list _keys
     cdef object _loop
     cdef int _fd
     cdef object _flush_handle
@@ -50,3 +52,6 @@ cdef class Hub:
 
     @cython.locals(n=Py_ssize_t, clients=set, framed=Py_ssize_t, nbytes=Py_ssize_t)
     cdef void _send(self, object shared) except *
+
+    @cython.locals(n=Py_ssize_t, count=Py_ssize_t, members=set)
+    cdef void _send_feeds(self, list frames, list keys) except *

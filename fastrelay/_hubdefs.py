@@ -13,6 +13,7 @@ __all__ = [
     "CloseReason",
     "HubStats",
     "classify_undecodable",
+    "frame_payload",
     "frame_text",
 ]
 
@@ -36,6 +37,7 @@ class CloseReason(str, enum.Enum):
     UNRESPONSIVE = "unresponsive"  # silent for --pong-misses ping intervals (1011)
     PROTOCOL = "protocol"  # it broke RFC 6455 (1002, 1007, 1009)
     SHUTDOWN = "shutdown"  # the relay is stopping (1001)
+    FILTER = "filter"  # its filter was malformed (1008) or one distinct filter too many (1013)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class HubStats:
     resumes: Mapping[str, int]
     #: Events sent from the history to resuming clients.
     replayed: int
+    #: Distinct filters clients subscribe with (DESIGN §8), and clients on one.
+    filters: int
+    filtered_clients: int
 
 
 def frame_text(payload: bytes) -> bytes:
@@ -86,6 +91,13 @@ def frame_text(payload: bytes) -> bytes:
     if n < 65536:
         return b"\x81\x7e" + n.to_bytes(2, "big") + payload
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+def frame_payload(frame: bytes) -> memoryview:
+    """The payload of one unmasked frame made by :func:`frame_text` (or the native framing)."""
+    size = frame[1] & 0x7F
+    start = 2 if size < 126 else 4 if size == 126 else 10
+    return memoryview(frame)[start:]
 
 
 def classify_undecodable(raw: bytes) -> str:

@@ -42,9 +42,11 @@ def split_target(target: bytes) -> tuple[str, dict[str, list[str]]]:
 
     Bytes that are not ASCII, raw or %-escaped, survive as surrogate escapes, so
     ``value.encode("utf-8", "surrogateescape")`` gives back exactly what was sent.
+    Blank values are kept: ``?machines=`` is an empty filter, not no filter.
     """
     parts = urlsplit(target.decode("ascii", "surrogateescape"))
-    return parts.path or "/", parse_qs(parts.query, encoding="utf-8", errors="surrogateescape")
+    return parts.path or "/", parse_qs(parts.query, keep_blank_values=True, encoding="utf-8",
+                                     errors="surrogateescape")
 
 
 def _authority(value: str) -> tuple[str, int | None] | None:

@@ -24,6 +24,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _terms(text: str) -> list[str]:
+    """A comma-separated filter list; the relay judges the terms themselves."""
+    return text.split(",")
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -132,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: none)")
     serve.add_argument("--state-interval", type=_positive(float), default=defaults.state_interval,
                        help="seconds between registry saves to --state-dir (default %(default)s)")
+    serve.add_argument("--max-filter-terms", type=_positive(int), default=defaults.max_filter_terms,
+                       help="machine globs plus event types one client's filter may hold "
+                            "(default %(default)s)")
+    serve.add_argument("--max-filter-bytes", type=_size, default=defaults.max_filter_bytes,
+                       help="bytes of one client's machines and types values together "
+                            "(default %(default)s)")
+    serve.add_argument("--max-filters", type=_positive(int), default=defaults.max_filters,
+                       help="distinct filters served at once; a client asking for one more is "
+                            "closed with 1013 (default %(default)s)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")
@@ -163,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail = commands.add_parser("tail", help="print events as they arrive")
     tail.add_argument("--url", default="ws://127.0.0.1:3002/ws/events")
     tail.add_argument("--token", default=None, help="token, when the relay requires one")
+    tail.add_argument("--machines", type=_terms, default=None, metavar="GLOB[,GLOB...]",
+                      help="only these machines (globs with * and ?)")
+    tail.add_argument("--types", type=_terms, default=None, metavar="TYPE[,TYPE...]",
+                      help="only these event types")
     return parser
 
 
@@ -174,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _emit(args)
     from .tail import tail
 
-    return tail(args.url, token=args.token or os.environ.get("FASTRELAY_TOKEN"))
+    return tail(args.url, token=args.token or os.environ.get("FASTRELAY_TOKEN"),
+                machines=args.machines, types=args.types)
 
 
 def _serve(args: argparse.Namespace) -> int:

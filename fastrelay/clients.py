@@ -24,17 +24,20 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 
 from ._hubdefs import RESUME_OUTCOMES, CloseReason, frame_text
+from .feeds import Feed, takes_frame
 from .history import History, parse_resume
+from .subscription import Subscription
 
 if TYPE_CHECKING:
     from picows import WSTransport
 
-__all__ = ["CHUNK", "CLOSE_TAIL", "Client", "Clients", "close_frame"]
+__all__ = ["CHUNK", "CLOSE_TAIL", "JOIN_ALL", "Client", "Clients", "JoinRequest", "close_frame"]
 
 #: Largest piece of a snapshot handed to a transport at once. A client must
 #: read one piece within --send-timeout, so this sets the slowest link that can
@@ -53,7 +56,11 @@ REBUILD_SPACING = 10
 CLOSE_LINGER = 2.0
 #: How often deferred refreshes look again whether a snapshot may be built.
 _REFRESH_RETRY = 0.05
+#: Frames of the history a filtered replay looks through per turn of the loop,
+#: so that a filter matching little of a long history cannot stall the relay.
+REPLAY_SCAN = 1024
 #: Close codes (RFC 6455 §7.4.1).
+POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 _monotonic = time.monotonic
 # struct tcp_info (Linux): tcpi_unacked is the u32 at offset 24, tcpi_bytes_acked
@@ -117,26 +124,37 @@ class _Replay:
     returns None and the client is closed as too slow.
     """
 
-    __slots__ = ("history", "next", "stop")
+    __slots__ = ("history", "next", "stop", "subscription")
 
-    def __init__(self, history: History, start: int, stop: int) -> None:
+    def __init__(self, history: History, start: int, stop: int,
+                 subscription: Subscription | None = None) -> None:
         self.history = history
         self.next = start
         self.stop = stop
+        #: Only the events this filter takes are replayed (None: every one).
+        self.subscription = subscription
 
     def take(self, limit: int) -> tuple[bytes, int] | None:
-        """Whole frames from the next event on, about ``limit`` bytes; and how many."""
+        """Whole frames from the next event on, about ``limit`` bytes; and how many.
+
+        A filtered replay looks at no more than REPLAY_SCAN events per call, so
+        it may return nothing yet while not done.
+        """
         history = self.history
         if self.next < history.first_seq:
             return None
         parts: list[bytes] = []
         size = 0
         seq, stop = self.next, self.stop
-        while seq <= stop and (not parts or size < limit):
+        subscription = self.subscription
+        scan_end = stop if subscription is None else min(stop, seq + REPLAY_SCAN - 1)
+        while seq <= scan_end and (not parts or size < limit):
             frame = history.frame(seq)
+            seq += 1
+            if subscription is not None and not takes_frame(subscription, frame):
+                continue
             parts.append(frame)
             size += len(frame)
-            seq += 1
         self.next = seq
         return b"".join(parts), len(parts)
 
@@ -151,10 +169,10 @@ class Client:
     __slots__ = (
         "transport", "fd", "write", "buffered", "queue", "queued", "snapshot", "pong",
         "connected_at", "last_seen", "stalled_since", "close_reason", "peer", "owner", "_pumping",
-        "copies_writes", "linger", "sock", "acked",
+        "copies_writes", "linger", "sock", "acked", "feed",
     )
 
-    def __init__(self, owner: Clients, transport: WSTransport) -> None:
+    def __init__(self, owner: Clients, transport: WSTransport, feed: Feed) -> None:
         underlying = transport.underlying_transport
         # high=0, low=0: pause_writing as soon as anything stays in the
         # transport, resume_writing once all of it is gone, which is when the
@@ -162,6 +180,8 @@ class Client:
         underlying.set_write_buffer_limits(high=0, low=0)
         self.owner = owner
         self.transport = transport
+        #: The clients it shares its filter (and so its batches and snapshots) with.
+        self.feed = feed
         self.sock = underlying.get_extra_info("socket")
         self.fd: int = self.sock.fileno()
         self.acked = 0
@@ -223,18 +243,35 @@ class Client:
         self.owner.mark_drained(self)
 
 
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    """What a connection asked for in its query."""
+
+    #: The raw (epoch, since) it asked to resume from.
+    resume: tuple[str, str] | None = None
+    #: Its filter (None: the whole stream).
+    subscription: Subscription | None = None
+    #: Why its filter cannot be served: it is closed with 1008 and this reason.
+    refusal: str | None = None
+
+
+#: A connection that asks for nothing: the whole stream, from a fresh snapshot.
+JOIN_ALL = JoinRequest()
+
+
 class Clients:
-    """The connected clients of one hub: joining, queues, snapshots, closing.
+    """The connected clients of one hub: joining, feeds, queues, snapshots, closing.
 
     ``flush`` writes the hub's pending events to the current members (so that a
     snapshot taken next reflects everything they have been sent);
-    ``snapshot_payload`` serialises the registry as an ``initial`` message;
-    ``history`` is the stream's position and recent frames, for resuming.
+    ``snapshot_payload`` serialises the registry, as a filter sees it, as an
+    ``initial`` message; ``history`` is the stream's position and recent frames,
+    for resuming. At most ``max_feeds`` distinct filters are served at once.
     """
 
     def __init__(self, *, max_client_buffer: int, flush: Callable[[], None],
-                 snapshot_payload: Callable[[], bytes], history: History,
-                 max_snapshots: int = 4) -> None:
+                 snapshot_payload: Callable[[Subscription | None], bytes], history: History,
+                 max_snapshots: int = 4, max_feeds: int = 64) -> None:
         self.max_client_buffer = max_client_buffer
         self.history = history
         self.resumes: dict[str, int] = dict.fromkeys(RESUME_OUTCOMES, 0)
@@ -245,8 +282,14 @@ class Clients:
         self.live_snapshots = 0
         self._flush = flush
         self._snapshot_payload = snapshot_payload
-        #: Clients that get every batch (joined, not being closed).
+        #: Every client that gets batches, of any feed (joined, not being closed).
         self.members: set[Client] = set()
+        # Catch-up counts against each joiner's bound, so it must stay well below it.
+        catchup_limit = max(max_client_buffer // 4, 1)
+        #: The clients without a filter, and one feed per distinct filter in use.
+        self.firehose = Feed(None, catchup_limit)
+        self.feeds: dict[object, Feed] = {}
+        self.max_feeds = max_feeds
         #: Clients whose transport holds unsent bytes, including those being closed.
         self.stalled: set[Client] = set()
         self.closed: dict[CloseReason, int] = dict.fromkeys(CloseReason, 0)
@@ -254,13 +297,6 @@ class Clients:
         self.bytes_sent = 0
         self.snapshots_built = 0
         self.refreshes_coalesced = 0
-        # The current shared snapshot and the batches written since it was taken.
-        self._generation: _Generation | None = None
-        self._catchup: list[bytes] = []
-        self._catchup_bytes = 0
-        # Past this much catch-up, the next joiner gets a fresh snapshot: catch-up
-        # counts against each joiner's bound, so it must stay well below it.
-        self._catchup_limit = max(max_client_buffer // 4, 1)
         # Clients waiting for a fresh snapshot, and the timer that looks again.
         self._refreshing: list[Client] = []
         self._refresh_handle: asyncio.TimerHandle | None = None
@@ -268,29 +304,14 @@ class Clients:
     def __len__(self) -> int:
         return len(self.members)
 
-    @property
-    def collecting(self) -> bool:
-        """True while batches must be handed to :meth:`record` (a snapshot is current)."""
-        return self._generation is not None
-
     # -- snapshots ---------------------------------------------------------------
 
-    def record(self, batch: bytes) -> None:
-        """Remember a batch just written to the members, as catch-up for the next joiner."""
-        self._catchup.append(batch)
-        self._catchup_bytes += len(batch)
-        if self._catchup_bytes > self._catchup_limit:
-            self._generation = None
-            self._catchup = []
-            self._catchup_bytes = 0
-
-    def _build(self) -> _Generation:
+    def _build(self, feed: Feed) -> _Generation:
         started = _monotonic()
-        frame = frame_text(self._snapshot_payload())
+        frame = frame_text(self._snapshot_payload(feed.subscription))
         now = _monotonic()
-        generation = self._generation = _Generation(self, frame, now, now - started)
-        self._catchup = []
-        self._catchup_bytes = 0
+        feed.forget_snapshot()
+        generation = feed.generation = _Generation(self, frame, now, now - started)
         self.snapshots_built += 1
         return generation
 
@@ -299,7 +320,7 @@ class Clients:
         client.snapshot = snapshot
         client.queue.append(snapshot)
         if catchup:
-            for batch in self._catchup:
+            for batch in client.feed.catchup:
                 client.queue.append(batch)
                 client.queued += len(batch)
         self.frames_sent += 1
@@ -307,15 +328,15 @@ class Clients:
         self._pump(client)
 
     def _send_joining_snapshot(self, client: Client) -> None:
-        self._flush()
-        generation = self._generation
+        feed = client.feed
+        generation = feed.generation
         # A fresh snapshot when the registry changed since the current one, unless
         # that one is still on its way to someone (or was built a moment ago):
         # then joiners share it, with catch-up, so that N clients joining
         # together cost one snapshot, not N.
-        if generation is None or (self._catchup and not generation.users
+        if generation is None or (feed.catchup and not generation.users
                                   and _monotonic() >= generation.reusable_from):
-            generation = self._build()
+            generation = self._build(feed)
         self._queue_snapshot(client, generation, catchup=True)
 
     def _serve_refreshes(self) -> None:
@@ -329,22 +350,27 @@ class Clients:
         if not self._refreshing:
             return
         self._flush()
-        generation = self._generation
-        if generation is None or self._catchup:  # the registry changed since it was built
-            now = _monotonic()
-            wait = 0.0 if generation is None else generation.reusable_from - now
-            if wait > 0 or self.live_snapshots >= self.max_snapshots:
-                if self._refresh_handle is None:
-                    self._refresh_handle = asyncio.get_running_loop().call_later(
-                        max(wait, _REFRESH_RETRY), self._refresh_timer)
-                return
-            generation = self._build()
         waiting, self._refreshing = self._refreshing, []
+        retry = _REFRESH_RETRY
         for client in waiting:
-            if client.close_reason is None:
-                self._queue_snapshot(client, generation, catchup=False)
-                if client.owed > self.max_client_buffer:
-                    self.close_slow(client)
+            if client.close_reason is not None:
+                continue
+            feed = client.feed
+            generation = feed.generation
+            if generation is None or feed.catchup:  # the registry changed since it was built
+                wait = 0.0 if generation is None else generation.reusable_from - _monotonic()
+                if wait > 0 or self.live_snapshots >= self.max_snapshots:
+                    self._refreshing.append(client)
+                    retry = max(retry, wait)
+                    continue
+                # Built once per feed: the next refresher of this feed finds it fresh.
+                generation = self._build(feed)
+            self._queue_snapshot(client, generation, catchup=False)
+            if client.owed > self.max_client_buffer:
+                self.close_slow(client)
+        if self._refreshing and self._refresh_handle is None:
+            self._refresh_handle = asyncio.get_running_loop().call_later(
+                retry, self._refresh_timer)
 
     def _refresh_timer(self) -> None:
         self._refresh_handle = None
@@ -352,14 +378,46 @@ class Clients:
 
     # -- joining and leaving --------------------------------------------------------
 
-    def add_client(self, transport: WSTransport, resume: tuple[str, str] | None = None) -> Client:
-        """Queue the snapshot, or the events missed since ``resume`` = (epoch, since), and
-        join the fan-out set in one step (no event in between)."""
-        client = Client(self, transport)
-        if resume is None or not self._resume(client, *resume):
+    def add_client(self, transport: WSTransport, join: JoinRequest | None = None) -> Client:
+        """Queue the snapshot, or the events missed since ``join.resume`` = (epoch, since),
+        and join the fan-out set of its filter's feed in one step (no event in between)."""
+        join = join or JOIN_ALL
+        # Everything accepted goes out first, to the feeds as they are: a batch
+        # is never split across a feed that did not exist when it began.
+        self._flush()
+        client = Client(self, transport, self.firehose)
+        if join.refusal is not None:
+            self.close_client(client, POLICY_VIOLATION, join.refusal.encode(), CloseReason.FILTER)
+            return client
+        if join.subscription is not None:
+            feed = self._feed(join.subscription)
+            if feed is None:
+                self.close_client(client, TRY_AGAIN_LATER, b"too many distinct filters",
+                                  CloseReason.FILTER)
+                return client
+            client.feed = feed
+        if join.resume is None or not self._resume(client, *join.resume):
             self._send_joining_snapshot(client)
+        client.feed.members.add(client)
         self.members.add(client)
         return client
+
+    def _feed(self, subscription: Subscription) -> Feed | None:
+        """The feed of ``subscription``'s filter; None when it would be one too many
+        (each distinct filter costs a buffer per batch, so their number is bounded)."""
+        feed = self.feeds.get(subscription.key)
+        if feed is None and len(self.feeds) < self.max_feeds:
+            feed = self.feeds[subscription.key] = Feed(subscription, self.firehose.catchup_limit)
+        return feed
+
+    def _leave(self, client: Client) -> None:
+        """Take ``client`` out of the fan-out; a filter nobody uses any more is forgotten."""
+        self.members.discard(client)
+        feed = client.feed
+        feed.members.discard(client)
+        if not feed.members and feed.subscription is not None:
+            if self.feeds.get(feed.subscription.key) is feed:
+                del self.feeds[feed.subscription.key]
 
     def _resume(self, client: Client, epoch_text: str, since_text: str) -> bool:
         """Queue ``resumed`` and the events after ``since``; False (counted) when the
@@ -369,8 +427,7 @@ class Clients:
             self.resumes["malformed"] += 1
             return False
         epoch, since = parsed
-        self._flush()  # everything accepted is in the history, and the members have it
-        history = self.history
+        history = self.history  # add_client flushed: everything accepted is in it
         if epoch != history.epoch:
             self.resumes["unknown_epoch"] += 1
             return False
@@ -383,14 +440,14 @@ class Clients:
         client.queue.append(head)
         client.queued += len(head)
         if since < last:
-            client.queue.append(_Replay(history, since + 1, last))
+            client.queue.append(_Replay(history, since + 1, last, client.feed.subscription))
         self.resumes["resumed"] += 1
         self._pump(client)
         return True
 
     def remove_client(self, client: Client) -> None:
         """Forget a disconnected client and count why it went."""
-        self.members.discard(client)
+        self._leave(client)
         self.stalled.discard(client)
         _drop_queue(client)
         if client.linger is not None:
@@ -468,6 +525,13 @@ class Clients:
                     if item.done:
                         queue.popleft()
                     frames, count = taken
+                    if not count:
+                        if not item.done:
+                            # A filter that matched nothing in this stretch: look
+                            # further on the next turn of the loop, not now.
+                            asyncio.get_running_loop().call_soon(self._pump, client)
+                            break
+                        continue
                     self.replayed += count
                     self.frames_sent += count
                     self.bytes_sent += len(frames)
@@ -523,7 +587,7 @@ class Clients:
             return
         client.close_reason = why
         self.closed[why] += 1
-        self.members.discard(client)
+        self._leave(client)
         snapshot = client.snapshot
         _drop_queue(client)
         if snapshot is not None and snapshot.pos:
@@ -558,7 +622,7 @@ class Clients:
         if client.close_reason is None:
             client.close_reason = why
             self.closed[why] += 1
-        self.members.discard(client)
+        self._leave(client)
         _drop_queue(client)
         client.transport.disconnect(False)
 

@@ -138,6 +138,13 @@ class ServeConfig:
     state_dir: str | None = None
     #: Seconds between saves of the registry to --state-dir while it changes.
     state_interval: float = 5.0
+    #: Subscriptions (DESIGN §8): globs plus types one client's filter may hold,
+    #: and UTF-8 bytes of its machines and types values together.
+    max_filter_terms: int = 64
+    max_filter_bytes: int = 2048
+    #: Distinct filters served at once: each costs a buffer per batch, so a
+    #: client asking for one more is closed with 1013.
+    max_filters: int = 64
 
     def validate(self) -> None:
         """Raise ValueError naming the first option whose value cannot work."""
@@ -161,6 +168,9 @@ class ServeConfig:
             raise ValueError(f"--max-depth must be between 1 and {MAX_DEPTH_LIMIT}")
         if self.max_machines <= 0 or self.batch_cap <= 0:
             raise ValueError("--max-machines and --batch-cap must be positive")
+        if min(self.max_filter_terms, self.max_filter_bytes, self.max_filters) <= 0:
+            raise ValueError("--max-filter-terms, --max-filter-bytes and --max-filters must be "
+                             "positive")
         if self.history < 0 or self.history_bytes < 0:
             raise ValueError("--history and --history-bytes must be 0 (no resume) or positive")
         if self.state_dir is not None and not self.state_dir:

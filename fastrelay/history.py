@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["History", "new_epoch", "parse_resume", "resume_request"]
+__all__ = ["History", "new_epoch", "parse_resume", "parse_since", "resume_request"]
 
 _SINCE = re.compile(r"[0-9]{1,19}")
 #: Longer epochs than this are not ours (ours are 8 characters).
@@ -33,12 +33,20 @@ def resume_request(query: Mapping[str, list[str]]) -> tuple[str, str] | None:
     return (epoch[0] if len(epoch) == 1 else "", since[0] if len(since) == 1 else "")
 
 
+def parse_since(text: str) -> int | None:
+    """A seq given in a query (0 up to 2**63 - 1), or None when it is not one."""
+    if _SINCE.fullmatch(text) is None:
+        return None
+    value = int(text)
+    return value if value < 1 << 63 else None
+
+
 def parse_resume(epoch: str, since: str) -> tuple[str, int] | None:
     """``(epoch, since)`` as the stream's types, or None when either is malformed."""
-    if not 0 < len(epoch) <= MAX_EPOCH or _SINCE.fullmatch(since) is None:
+    value = parse_since(since)
+    if not 0 < len(epoch) <= MAX_EPOCH or value is None:
         return None
-    value = int(since)
-    return (epoch, value) if value < 1 << 63 else None
+    return (epoch, value)
 
 
 class History:
@@ -130,6 +138,21 @@ class History:
         if not 0 <= offset < self._count:
             raise IndexError(f"seq {seq} is not in the history")
         return self._ring[(self._head + offset) % len(self._ring)]
+
+    def recent(self, since: int, limit: int,
+               accept: Callable[[bytes], bool] | None = None) -> list[bytes]:
+        """The frames after ``since`` that ``accept`` takes (all: None), the newest
+        ``limit`` of them, oldest first."""
+        picked: list[bytes] = []
+        seq = self.last_seq
+        first = max(since + 1, self.first_seq)
+        while seq >= first and len(picked) < limit:
+            frame = self.frame(seq)
+            if accept is None or accept(frame):
+                picked.append(frame)
+            seq -= 1
+        picked.reverse()
+        return picked
 
     def frames(self, start: int, stop: int) -> list[bytes]:
         """The frames of events ``start`` to ``stop`` inclusive (all must be held)."""

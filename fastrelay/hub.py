@@ -19,6 +19,10 @@ write it at once with one ``send()`` per client. That is natural batching:
 what arrived while the previous batch was being written makes the next one,
 and a lone event waits for nothing. ``write_delay`` > 0 adds a window instead,
 for relays that would rather spend less CPU than add no latency.
+
+Filtered clients (DESIGN §8) are served by feeds, one per distinct filter:
+each takes its events from the batch's frames once, joined into one buffer
+that all its clients share.
 """
 
 from __future__ import annotations
@@ -27,23 +31,33 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
 
-from ._hubdefs import BATCH_BUCKETS, REJECT_REASONS, CloseReason, HubStats, classify_undecodable
-from .clients import Client, Clients
+from ._hubdefs import (
+    BATCH_BUCKETS,
+    REJECT_REASONS,
+    CloseReason,
+    HubStats,
+    classify_undecodable,
+    frame_payload,
+)
+from .clients import JOIN_ALL, Client, Clients, JoinRequest
+from .feeds import EventKey, takes_frame
 from .history import History
 from .listener import Listener
 from .registry import Registry, nesting_depth
+from .subscription import Subscription
 
 #: True in the compiled copy, which takes its primitives from the extension.
 NATIVE = __name__.endswith("._hub_c")
 
 if TYPE_CHECKING or not NATIVE:
-    from ._core_py import Batch
+    from ._core_py import Batch, fan_out
 else:
-    from ._core import Batch
+    from ._core import Batch, fan_out
 
 __all__ = ["NATIVE", "Client", "Hub"]
 
@@ -73,6 +87,7 @@ class Hub:
         write_delay: float = 0.0,
         history: int = 10_000,
         history_bytes: int = 16 * 1024 * 1024,
+        max_feeds: int = 64,
     ) -> None:
         self.backend = "cython" if NATIVE else "python"
         self.max_datagram = max_datagram
@@ -86,11 +101,15 @@ class Hub:
         self.seq = 0
         self.peers = Clients(max_client_buffer=max_client_buffer, flush=self.flush,
                              snapshot_payload=self.snapshot_payload, history=self.history,
-                             max_snapshots=max_snapshots)
-        #: Clients that get every batch; and those whose transport holds unsent bytes.
+                             max_snapshots=max_snapshots, max_feeds=max_feeds)
+        #: Every client that gets batches; and those whose transport holds unsent bytes.
         self.clients: set[Client] = self.peers.members
         self.stalled: set[Client] = self.peers.stalled
+        #: The clients without a filter, who get the batch buffer itself.
+        self.firehose: set[Client] = self.peers.firehose.members
         self._batch = Batch(max_datagram)
+        #: (machine_id, type) of each event framed into the batch, for the filters.
+        self._keys: list[EventKey] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -183,6 +202,9 @@ class Hub:
         previous = None
         if type(machine_id) is str:
             previous = self.registry.update(machine_id, event)
+            self._keys.append((machine_id, kind))
+        else:
+            self._keys.append((None, kind))
         seq = self.seq + 1
         adds_previous = kind == "state_change" and "previous_state" not in event
         if "seq" in event:
@@ -224,18 +246,24 @@ class Hub:
         self._last_write = _monotonic()
         self._record_batch(framed)
         history = self.history
-        if history.enabled:
-            history.extend(batch.frames())
+        feeds = self.peers.feeds
+        frames = batch.frames() if history.enabled or feeds else None
+        if frames is not None and history.enabled:
+            history.extend(frames)
         else:
             history.last_seq = self.seq
+        keys, self._keys = self._keys, []
         shared = None
-        if self.peers.collecting:
+        firehose = self.peers.firehose
+        if firehose.collecting:
             shared = batch.take()
-            self.peers.record(shared)
+            firehose.record(shared)
         self._send(shared)
         # Counted after the send: a client closed for falling behind on this
         # batch was not delivered it.
-        self.relayed += framed * len(self.clients)
+        self.relayed += framed * len(self.firehose)
+        if feeds and frames is not None:
+            self._send_feeds(frames, keys)
 
     def _record_batch(self, n: int) -> None:
         self.batches += 1
@@ -246,9 +274,9 @@ class Hub:
     # -- fan-out -----------------------------------------------------------------
 
     def _send(self, shared: bytes | None) -> None:
-        """Write the batch to every client, then start the next one."""
+        """Write the batch to the clients without a filter, then start the next one."""
         batch = self._batch
-        clients = self.clients
+        clients = self.firehose
         n = len(clients)
         framed, nbytes = batch.framed, batch.nbytes
         try:
@@ -256,24 +284,59 @@ class Hub:
         finally:
             # Even when a write raises: the batch must never go out twice.
             batch.clear()
-        self.frames_sent += framed * n
-        self.bytes_sent += nbytes * n
+        if n:
+            # Frames are counted as built, once for all the clients sharing them.
+            self.frames_sent += framed
+            self.bytes_sent += nbytes * n
         if over is not None:
             for client in over:
                 self.peers.close_slow(client)
 
+    def _send_feeds(self, frames: list[bytes], keys: list[EventKey]) -> None:
+        """Write each filter's share of the batch to the clients that share that filter."""
+        enqueue = self.peers.enqueue
+        # A list: closing a feed's last client forgets the feed.
+        for feed in list(self.peers.feeds.values()):
+            data, count = feed.select(frames, keys)
+            if not count:
+                continue
+            if feed.collecting:
+                feed.record(data)
+            members = feed.members
+            n = len(members)
+            over = fan_out(data, members, enqueue)
+            self.frames_sent += count
+            self.bytes_sent += len(data) * n
+            if over is not None:
+                for client in over:
+                    self.peers.close_slow(client)
+            self.relayed += count * len(members)
+
     def broadcast(self, payload: bytes) -> None:
         """Send one relay-made message (a ping) to every client, framed once."""
         self.flush()
-        self._batch.add(payload)
-        self._send(None)
+        batch = self._batch
+        batch.add(payload)
+        feeds = self.peers.feeds
+        data = batch.take() if feeds else None
+        self._send(data)
+        if data is not None:
+            if not self.firehose:
+                self.frames_sent += 1  # built once, whoever shares it
+            enqueue = self.peers.enqueue
+            for feed in list(feeds.values()):
+                over = fan_out(data, feed.members, enqueue)
+                self.bytes_sent += len(data) * len(feed.members)
+                if over is not None:
+                    for client in over:
+                        self.peers.close_slow(client)
 
     # -- clients -------------------------------------------------------------------
 
-    def make_listener(self, resume: tuple[str, str] | None = None) -> Listener:
-        """A picows listener bound to this hub, for one new connection; ``resume`` is
-        the raw (epoch, since) it asked to resume from."""
-        return Listener(self.peers, resume)
+    def make_listener(self, join: JoinRequest = JOIN_ALL) -> Listener:
+        """A picows listener bound to this hub, for one new connection that asked for
+        ``join`` (a resume, a filter) in its query."""
+        return Listener(self.peers, join)
 
     def close_client(self, client: Client, code: int, reason: bytes, why: CloseReason) -> None:
         """Stop sending to ``client`` and close it gracefully with ``code``; ``why`` is counted."""
@@ -292,9 +355,10 @@ class Hub:
 
     # -- reading -------------------------------------------------------------------
 
-    def snapshot_payload(self) -> bytes:
-        """The ``initial`` message for the registry as it is now, at the stream's position."""
-        return self.registry.snapshot_payload(self.history.epoch, self.seq)
+    def snapshot_payload(self, subscription: Subscription | None = None) -> bytes:
+        """The ``initial`` message for the registry as it is now (the machines
+        ``subscription`` shows), at the stream's position."""
+        return self.registry.snapshot_payload(self.history.epoch, self.seq, subscription)
 
     def restore(self, machines: list[dict[str, object]], epoch: str | None, seq: int,
                 frames: list[bytes]) -> None:
@@ -310,9 +374,21 @@ class Hub:
             history.extend(frames)
             self.seq = seq
 
-    def machines_payload(self) -> bytes:
-        """The registry as a JSON array (GET /api/machines)."""
-        return self.registry.machines_payload()
+    def history_payload(self, since: int, limit: int,
+                        subscription: Subscription | None = None) -> bytes:
+        """The events the history holds after ``since`` (those ``subscription`` takes),
+        the newest ``limit`` of them, with the stream's position (GET /api/history)."""
+        history = self.history
+        accept = None if subscription is None else partial(takes_frame, subscription)
+        events = b",".join([frame_payload(frame) for frame in history.recent(since, limit, accept)])
+        head = _dumps({"epoch": history.epoch, "seq": history.last_seq,
+                       "oldest_seq": history.first_seq if len(history) else None,
+                       "events": None})
+        return head.replace(b'"events":null', b'"events":[' + events + b"]", 1)
+
+    def machines_payload(self, subscription: Subscription | None = None) -> bytes:
+        """The registry (the machines ``subscription`` shows) as a JSON array (GET /api/machines)."""
+        return self.registry.machines_payload(subscription)
 
     def stats(self) -> HubStats:
         """The hub's counters now."""
@@ -350,4 +426,6 @@ class Hub:
             history_oldest_seq=history.first_seq if len(history) else None,
             resumes={outcome: n for outcome, n in peers.resumes.items()},
             replayed=peers.replayed,
+            filters=len(peers.feeds),
+            filtered_clients=len(self.clients) - len(self.firehose),
         )

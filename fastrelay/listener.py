@@ -12,7 +12,7 @@ import time
 
 from picows import WSFrame, WSListener, WSTransport
 
-from .clients import Client, Clients
+from .clients import JOIN_ALL, Client, Clients, JoinRequest
 from .wsproto import CLOSE, FAIL, PING, TEXT, FrameChecker
 
 __all__ = ["Listener"]
@@ -21,14 +21,14 @@ _monotonic = time.monotonic
 
 
 class Listener(WSListener):
-    def __init__(self, peers: Clients, resume: tuple[str, str] | None = None) -> None:
+    def __init__(self, peers: Clients, join: JoinRequest = JOIN_ALL) -> None:
         self.peers = peers
-        self.resume = resume
+        self.join = join
         self.client: Client | None = None
         self.checker = FrameChecker()
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.client = self.peers.add_client(transport, self.resume)
+        self.client = self.peers.add_client(transport, self.join)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         client = self.client

@@ -55,7 +55,10 @@ class _HubCollector:
             "fastrelay_machines_evicted", "Machines forgotten because the registry was full.",
             value=stats.evicted)
         yield CounterMetricFamily(
-            "fastrelay_frames_sent", "WebSocket frames written to clients.", value=stats.frames_sent)
+            "fastrelay_frames_sent",
+            "WebSocket frames built for clients: an event once per filter it goes to, shared by "
+            "that filter's clients; snapshots and replays once per client.",
+            value=stats.frames_sent)
         yield CounterMetricFamily(
             "fastrelay_bytes_sent", "Bytes written to clients.", value=stats.bytes_sent)
         yield _batch_histogram(stats)
@@ -78,6 +81,11 @@ class _HubCollector:
         yield CounterMetricFamily(
             "fastrelay_events_replayed", "Events sent from the history to resuming clients.",
             value=stats.replayed)
+        yield GaugeMetricFamily(
+            "fastrelay_filters", "Distinct filters clients subscribe with.", value=stats.filters)
+        yield GaugeMetricFamily(
+            "fastrelay_filtered_clients", "Clients subscribed with a filter.",
+            value=stats.filtered_clients)
         yield GaugeMetricFamily(
             "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",
             value=self.monitor.last_lag)

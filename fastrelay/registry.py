@@ -12,9 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:
+    from .subscription import Subscription
 
 __all__ = ["Registry", "nesting_depth"]
 
@@ -84,11 +87,13 @@ class Registry:
             entry["data"] = event["data"]
         return previous
 
-    def snapshot_payload(self, epoch: str, seq: int) -> bytes:
-        """The ``initial`` message: every machine's current entry, as JSON bytes, at
-        stream position ``epoch``/``seq`` (the last event it reflects)."""
+    def snapshot_payload(self, epoch: str, seq: int,
+                         subscription: Subscription | None = None) -> bytes:
+        """The ``initial`` message: every machine's current entry (those ``subscription``
+        shows), as JSON bytes, at stream position ``epoch``/``seq`` (the last event it
+        reflects)."""
         return self._dumps({"type": "initial", "machines": None, "timestamp": _time(),
-                            "epoch": epoch, "seq": seq})
+                            "epoch": epoch, "seq": seq}, subscription)
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, least recently active first (what a saved state holds)."""
@@ -113,12 +118,17 @@ class Registry:
             }
         return len(machines)
 
-    def machines_payload(self) -> bytes:
-        """The registry as a JSON array (GET /api/machines)."""
-        return self._dumps(None)
+    def machines_payload(self, subscription: Subscription | None = None) -> bytes:
+        """The registry (the machines ``subscription`` shows) as a JSON array (GET /api/machines)."""
+        return self._dumps(None, subscription)
 
-    def _dumps(self, envelope: dict[str, Any] | None) -> bytes:
-        entries = list(self.machines.values())
+    def _dumps(self, envelope: dict[str, Any] | None,
+               subscription: Subscription | None) -> bytes:
+        if subscription is None or subscription.machines is None:
+            entries = list(self.machines.values())
+        else:
+            shows = subscription.matches_machine
+            entries = [entry for machine_id, entry in self.machines.items() if shows(machine_id)]
         try:
             return _wrap(envelope, orjson.dumps(entries))
         except orjson.JSONEncodeError:

@@ -22,9 +22,11 @@ from picows import WSListener, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeRes
 
 from ._version import __version__
 from .access import AccessPolicy, split_target
+from .clients import JoinRequest
 from .config import ServeConfig
-from .history import resume_request
+from .history import parse_since, resume_request
 from .logs import LogLimiter
+from .subscription import FilterLimits, SubscriptionError, subscription_request
 from .watchdog import LoopMonitor
 
 if TYPE_CHECKING:
@@ -79,6 +81,7 @@ class Routes:
         self.monitor = monitor
         self.uptime = uptime
         self.access = AccessPolicy.from_config(config)
+        self.filter_limits = FilterLimits(config.max_filter_terms, config.max_filter_bytes)
         self._metrics: MetricsExporter | None = None
         self._static: dict[str, Response] = {}
         #: Bytes of large responses not yet read by their clients (each held
@@ -98,8 +101,8 @@ class Routes:
             if refusal is not None:
                 return _error(refusal.status, refusal.body, refusal.headers)
             if path == self.config.ws_path:
-                return self.hub.make_listener(resume_request(query))
-            response = self.get(path)
+                return self.hub.make_listener(self.join_request(query))
+            response = self.get(path, query)
             if response is None:
                 return None  # picows answers 404
             if response.status != 200:
@@ -109,12 +112,28 @@ class Routes:
             _log_internal_error(exc)
             return _error(500, b"internal error\n")
 
-    def get(self, path: str) -> Response | None:
-        """The response for ``path``, or None for 404."""
+    def join_request(self, query: dict[str, list[str]]) -> JoinRequest:
+        """What a WebSocket connection asks for: a resume, a filter (or why it cannot have it)."""
+        resume = resume_request(query)
+        try:
+            subscription = subscription_request(query, self.filter_limits)
+        except SubscriptionError as exc:
+            return JoinRequest(resume, None, str(exc))
+        return JoinRequest(resume, subscription)
+
+    def get(self, path: str, query: dict[str, list[str]] | None = None) -> Response | None:
+        """The response for ``path`` (with its ``query``), or None for 404."""
+        query = query or {}
         if path == "/healthz":
             return Response(200, _JSON, orjson.dumps(self.health()))
         if path == "/api/machines":
-            return self._held(Response(200, _JSON, self.hub.machines_payload()))
+            try:
+                subscription = subscription_request(query, self.filter_limits)
+            except SubscriptionError as exc:
+                return _bad_request(str(exc))
+            return self._held(Response(200, _JSON, self.hub.machines_payload(subscription)))
+        if path == "/api/history":
+            return self.history(query)
         if path == "/metrics":
             from .metrics import CONTENT_TYPE
 
@@ -124,6 +143,20 @@ class Routes:
         if path.startswith("/static/"):
             return self.static(path[len("/static/"):])
         return None
+
+    def history(self, query: dict[str, list[str]]) -> Response:
+        """GET /api/history?since=S&limit=N&machines=...&types=...: the recent events
+        the relay holds, as a filter sees them (what a timeline is drawn from)."""
+        hub = self.hub
+        held = hub.history.max_events
+        try:
+            subscription = subscription_request(query, self.filter_limits)
+            since = _query_int(query, "since", 0, parse_since)
+            limit = _query_int(query, "limit", held, parse_since)
+        except (SubscriptionError, ValueError) as exc:
+            return _bad_request(str(exc))
+        return self._held(Response(200, _JSON, hub.history_payload(since, min(limit, held),
+                                                                   subscription)))
 
     def _held(self, response: Response) -> Response:
         """``response``, or 503 when large responses to slow readers hold too much already.
@@ -169,6 +202,7 @@ class Routes:
             "history": {"events": stats.history_events, "bytes": stats.history_bytes,
                         "oldest_seq": stats.history_oldest_seq},
             "resumes": dict(stats.resumes),
+            "filters": {"distinct": stats.filters, "clients": stats.filtered_clients},
             "owed_bytes": stats.owed_bytes,
             "owed_bytes_max": stats.owed_bytes_max,
             "max_client_buffer": stats.max_client_buffer,
@@ -203,6 +237,21 @@ def _log_internal_error(exc: Exception) -> None:
     key = f"{type(exc).__name__}@{where.filename}:{where.lineno}" if where else type(exc).__name__
     if _INTERNAL_ERRORS.allow(key):
         log.error("answered 500 to an HTTP request: %s", type(exc).__name__, exc_info=exc)
+
+
+def _query_int(query: dict[str, list[str]], name: str, default: int,
+               parse: Callable[[str], int | None]) -> int:
+    values = query.get(name)
+    if values is None:
+        return default
+    value = parse(values[0]) if len(values) == 1 else None
+    if value is None:
+        raise ValueError(f"{name}: give one non-negative integer")
+    return value
+
+
+def _bad_request(reason: str) -> Response:
+    return Response(400, "text/plain; charset=utf-8", reason.encode() + b"\n")
 
 
 def _ok(content_type: str, body: bytes | bytearray) -> WSUpgradeResponseWithListener:

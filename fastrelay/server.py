@@ -55,6 +55,7 @@ class RelayServer:
             write_delay=config.write_delay,
             history=config.history,
             history_bytes=config.history_bytes,
+            max_feeds=config.max_filters,
         )
         self.backend: str = self.hub.backend
         self.monitor = LoopMonitor()

@@ -41,13 +41,14 @@ import asyncio
 import logging
 import random
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-__all__ = ["DEFAULT_URL", "Subscriber"]
+__all__ = ["DEFAULT_URL", "FilterRefused", "Subscriber"]
 
 DEFAULT_URL = "ws://127.0.0.1:3002/ws/events"
 
@@ -56,6 +57,13 @@ log = logging.getLogger("fastrelay.subscriber")
 _PONG = b'{"type":"pong"}'
 #: Query parameters the subscriber owns: given twice, the relay reads them as malformed.
 _POSITION_KEYS = frozenset({"epoch", "since"})
+#: The relay's close code for a filter it cannot serve (RFC 6455 §7.4.1: policy violation).
+_POLICY_VIOLATION = 1008
+
+
+class FilterRefused(Exception):
+    """The relay refused this subscriber's filter (close code 1008, its reason in the
+    message): asking again cannot help, so iteration ends with this error."""
 
 
 class Subscriber:
@@ -69,8 +77,12 @@ class Subscriber:
     one logged on the ``fastrelay.subscriber`` logger and kept in
     :attr:`last_error`.
 
-    ``url`` keeps its query (filters such as ``machines=``, a ``token=``); the
-    subscriber adds its own ``epoch`` and ``since`` when resuming. A url that
+    ``machines`` (globs with ``*`` and ``?``) and ``types`` subscribe to part of
+    the stream (DESIGN §8): only matching events come, and seqs keep the
+    stream's numbering, so they have gaps. A filter the relay refuses ends
+    iteration with :class:`FilterRefused`. ``url`` keeps its query (a filter
+    written there, a ``token=``); the subscriber adds its own ``epoch`` and
+    ``since`` when resuming. A url that
     already carries both starts from that position: the relay then resumes
     there if it can, and the first message is an event instead of an
     ``initial``. ``token`` is sent as ``Authorization: Bearer``, so it appears
@@ -86,6 +98,8 @@ class Subscriber:
         self,
         url: str = DEFAULT_URL,
         *,
+        machines: Iterable[str] | None = None,
+        types: Iterable[str] | None = None,
         token: str | None = None,
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
@@ -110,6 +124,14 @@ class Subscriber:
         self._parts = parts
         params = [p for p in parts.query.split("&") if p]
         self._query = [p for p in params if p.partition("=")[0] not in _POSITION_KEYS]
+        for key, terms in (("machines", machines), ("types", types)):
+            if terms is None:
+                continue
+            if isinstance(terms, str):
+                raise TypeError(f"{key}: give a list of strings, not one string")
+            if any(p.partition("=")[0] == key for p in self._query):
+                raise ValueError(f"{key} is given both in the url and as an argument")
+            self._query.append(f"{key}={quote(','.join(terms), safe=',*?')}")
         #: The epoch of the last message yielded (None before the first ``initial``).
         self.epoch: str | None = None
         #: The seq of the last message yielded: an event's seq, or an ``initial``'s.
@@ -315,6 +337,9 @@ class Subscriber:
             opened = await self._open()
             if opened is not None:
                 await self._follow(*opened)
+                connection = opened[1]
+                if connection.close_code == _POLICY_VIOLATION:
+                    raise FilterRefused(connection.close_reason or "the relay refused the filter")
             if self._closed:
                 return
             cap = min(self.max_backoff, self.min_backoff * 2 ** min(self._failures, 32))
@@ -377,6 +402,7 @@ class _Connection(WSListener):
         self.subscriber = subscriber
         self.greeted = False
         self.close_code: int | None = None
+        self.close_reason = ""
         self.error: str | None = None
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -384,6 +410,7 @@ class _Connection(WSListener):
         if kind is WSMsgType.CLOSE:
             code = frame.get_close_code()
             self.close_code = int(code.value)
+            self.close_reason = (frame.get_close_message() or b"").decode("utf-8", "replace")
             transport.send_close(code)
             transport.disconnect()
             return

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from .subscriber import Subscriber
+from .subscriber import FilterRefused, Subscriber
 
 __all__ = ["format_event", "tail"]
 
@@ -56,7 +56,8 @@ def _rebuilt_line(message: dict[str, Any]) -> str:
             f"(epoch {message.get('epoch')}, seq {message.get('seq')})")
 
 
-async def _tail(url: str, token: str | None, out: TextIO) -> None:
+async def _tail(url: str, token: str | None, machines: list[str] | None,
+                types: list[str] | None, out: TextIO) -> None:
     # The subscriber reports connects, failures and disconnects on its logger:
     # shown on stderr as the comment lines they have always been.
     handler = logging.StreamHandler(sys.stderr)
@@ -69,7 +70,7 @@ async def _tail(url: str, token: str | None, out: TextIO) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    subscriber = Subscriber(url, token=token)
+    subscriber = Subscriber(url, machines=machines, types=types, token=token)
 
     async def follow() -> None:
         initials = 0
@@ -92,8 +93,14 @@ async def _tail(url: str, token: str | None, out: TextIO) -> None:
         logger.removeHandler(handler)
 
 
-def tail(url: str, *, token: str | None = None, out: TextIO = sys.stdout) -> int:
-    """Follow ``url`` until SIGINT or SIGTERM, reconnecting with backoff and resuming where it
-    left off; returns the exit code."""
-    asyncio.run(_tail(url, token, out))
+def tail(url: str, *, token: str | None = None, machines: list[str] | None = None,
+         types: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    """Follow ``url`` (only ``machines`` and ``types``, when given) until SIGINT or
+    SIGTERM, reconnecting with backoff and resuming where it left off; returns the
+    exit code: 0, or 2 when the relay refuses the filter."""
+    try:
+        asyncio.run(_tail(url, token, machines, types, out))
+    except FilterRefused as exc:
+        print(f"fastrelay tail: {exc}", file=sys.stderr)
+        return 2
     return 0

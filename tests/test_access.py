@@ -215,7 +215,7 @@ async def test_a_failure_inside_routing_is_a_fixed_500_logged_once(backend, tmp_
     server = RelayServer(port=0, backend=backend, socket_path=f"/tmp/frt-500-{os.getpid()}.sock",
                          log_dir=str(tmp_path / "logs"))
 
-    def broken_get(path: str) -> None:
+    def broken_get(path: str, query: object = None) -> None:
         raise ValueError(f"no route for {path} (a bug)")
 
     async with server:
