@@ -4,8 +4,10 @@ Each test starts a real relay (`python -m fastrelay serve`, through the suite's
 `relay_factory`, once per backend), opens the dashboard the relay serves at `/`,
 emits datagrams the way any emitter does, and reads what the page shows through
 the stable attributes it renders (`tr[data-machine-id][data-state]`,
-`#conn[data-status]`, `#log li[data-type]`) or its `window.fastrelayDashboard`
-hook. They check what the page shows, never how fast: timeouts here are
+`#conn[data-status]`, `#log li[data-type]`, `#timeline-tip[data-state]`,
+`#sparkline[data-events]`) or its `window.fastrelayDashboard` hook (the
+timeline is a canvas: `timeline()` says what it draws, `timelinePoint()`
+where). They check what the page shows, never how fast: timeouts here are
 deadlines, and bench/dashboard_update.py measures the speed.
 
 Needs Debian's chromium at /usr/bin/chromium (scripts/ensure-chromium.sh) and
@@ -19,8 +21,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from relayproc import Relay, RelayFactory
@@ -591,6 +595,10 @@ def test_flood_keeps_page_responsive(relay_factory: RelayFactory, page: Any) -> 
     assert stats["events"] - events_before == total, "the page did not receive every event"
     assert shown_rows(page) == final
     assert page.evaluate("fastrelayDashboard.states()") == final
+    # The timeline took in the flood too: a lane per machine, ending in its state.
+    lanes = page.evaluate("() => fastrelayDashboard.timeline().lanes.map("
+                          "l => [l.id, l.spans.length ? l.spans[l.spans.length - 1].state : null])")
+    assert dict(lanes) == final
 
     # Rows are drawn lazily off screen: what is on screen says the same as
     # data-state, at the top of the grid and after scrolling to its end.
@@ -614,3 +622,356 @@ def test_token_in_page_url_is_used(relay_factory: RelayFactory, page: Any) -> No
     assert response is not None and response.status == 401
     assert not other.evaluate("'fastrelayDashboard' in window")
     assert relay.health()["clients"] == 1
+
+
+# ------------------------------------------------- group filter (DESIGN §8)
+
+
+def query_of(url: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(url).query, keep_blank_values=True)
+
+
+def lane_ids(page: Any) -> list[str]:
+    return list(page.evaluate("() => fastrelayDashboard.timeline().lanes.map(l => l.id)"))
+
+
+def wait_rows_and_lanes(page: Any, ids: list[str], timeout_ms: int = 10_000) -> None:
+    """Wait until the grid's rows and the timeline's lanes are exactly ``ids`` (sorted)."""
+    page.wait_for_function(
+        """(ids) => {
+            const rows = [...document.querySelectorAll('tr[data-machine-id]')]
+                .map(tr => tr.dataset.machineId).sort();
+            const lanes = fastrelayDashboard.timeline().lanes.map(l => l.id);
+            return rows.join() === ids.join() && lanes.join() === ids.join();
+        }""",
+        arg=sorted(ids), timeout=timeout_ms)
+
+
+def test_group_filter_goes_to_the_relay(relay: Relay, page: Any) -> None:
+    for mid in ("web-1", "web-2", "db-1"):
+        relay.state(mid, "idle")
+    relay.wait_for(lambda: relay.health()["machines"] == 3, what="3 machines")
+    ws_urls = record_ws_urls(page)
+    open_dashboard(page, relay)
+    wait_rows_and_lanes(page, ["db-1", "web-1", "web-2"])
+
+    page.fill("#sub-machines", "web-*")
+    page.click("#sub-apply")
+    wait_rows_and_lanes(page, ["web-1", "web-2"])
+    # The relay filters: db-1's event, sent before web-1's, never reaches the page.
+    relay.state("db-1", "hidden")
+    relay.state("web-1", "running")
+    wait_states(page, {"web-1": "running"})
+    assert shown_rows(page) == {"web-1": "running", "web-2": "idle"}
+    assert not page.evaluate("fastrelayDashboard.model.log.some(e => e.mid === 'db-1' && e.msg"
+                             " && e.msg.state === 'hidden')")
+    # A new filter is a new stream: rebuilt from its snapshot, not resumed, no gap.
+    assert query_of(page.url)["machines"] == ["web-*"]
+    assert query_of(ws_urls[-1])["machines"] == ["web-*"] and "epoch" not in query_of(ws_urls[-1])
+    stats = page.evaluate("({...fastrelayDashboard.stats})")
+    assert stats["initials"] == 2 and stats["rebuilt"] == 0 and stats["filterChanges"] == 1, stats
+    assert page.query_selector("#log li.gap") is None
+
+    # A link opens the same filtered view.
+    other = page.context.new_page()
+    other_urls = record_ws_urls(other)
+    open_dashboard(other, relay, "?machines=db-*")
+    wait_rows_and_lanes(other, ["db-1"])
+    assert other.input_value("#sub-machines") == "db-*"
+    assert query_of(other_urls[0])["machines"] == ["db-*"]
+    other.close()
+
+    # Clearing goes back to the whole stream.
+    page.click("#sub-clear")
+    wait_rows_and_lanes(page, ["db-1", "web-1", "web-2"])
+    wait_states(page, {"db-1": "hidden"})
+    assert "machines" not in query_of(page.url) and "machines" not in query_of(ws_urls[-1])
+
+
+def test_group_filter_with_types_and_token(relay_factory: RelayFactory, page: Any) -> None:
+    relay = relay_factory.start("--token", "secret", ping_interval=PING_INTERVAL)
+    relay.state("web-1", "idle")
+    relay.state("db-1", "idle")
+    ws_urls = record_ws_urls(page)
+    open_dashboard(page, relay, "?token=secret&machines=web-*")
+    wait_rows_and_lanes(page, ["web-1"])
+    page.wait_for_function("() => fastrelayDashboard.stats.historyLoads >= 1")
+    assert page.evaluate("fastrelayDashboard.stats.historyErrors") == 0
+
+    # Types too, typed with spaces: the page asks for them as the relay reads them.
+    page.fill("#sub-types", " job_done , state_change ")
+    page.click("#sub-apply")
+    page.wait_for_function("() => fastrelayDashboard.stats.initials >= 2 && fastrelayDashboard.connected")
+    relay.emit("log", "web-1", message="not asked for")
+    relay.emit("job_done", "web-1", job_id="j-1")
+    page.wait_for_selector('#log li[data-type="job_done"]', timeout=5_000)
+    assert page.query_selector('#log li[data-type="log"]') is None
+    query = query_of(page.url)
+    assert query == {"token": ["secret"], "machines": ["web-*"], "types": ["job_done,state_change"]}
+    assert query_of(ws_urls[-1])["types"] == ["job_done,state_change"]
+    assert query_of(ws_urls[-1])["token"] == ["secret"]
+    assert page.input_value("#sub-types") == "job_done,state_change"
+
+
+def test_bad_filter_shows_the_reason(relay: Relay, page: Any) -> None:
+    relay.state("web-1", "idle")
+    ws_urls = record_ws_urls(page)
+    page.goto(f"{relay.http}/?machines=web-*,,db-*")
+    page.wait_for_selector("#sub-error:not([hidden])", timeout=10_000)
+    assert page.inner_text("#sub-error").startswith("bad filter:")
+    assert page.get_attribute("#conn", "data-status") == "refused"
+    # Refused is final for that filter: no reconnect is scheduled.
+    assert not page.evaluate("fastrelayDashboard.retrying")
+    assert len(ws_urls) == 1
+    assert page.evaluate("fastrelayDashboard.stats.lastClose.code") == 1008
+
+    # Another filter is tried at once, and the message goes.
+    page.fill("#sub-machines", "web-*")
+    page.click("#sub-apply")
+    page.wait_for_function("() => fastrelayDashboard.connected && fastrelayDashboard.stats.initials >= 1")
+    wait_states(page, {"web-1": "idle"})
+    assert page.is_hidden("#sub-error")
+    assert page.get_attribute("#conn", "data-status") == "connected"
+    assert len(ws_urls) == 2 and query_of(ws_urls[1])["machines"] == ["web-*"]
+
+
+# ------------------------------------------------------------------ timeline
+
+
+def lane_spans(page: Any, machine_id: str) -> list[dict[str, Any]]:
+    lanes = page.evaluate("() => fastrelayDashboard.timeline().lanes")
+    return next((lane["spans"] for lane in lanes if lane["id"] == machine_id), [])
+
+
+def wait_lane_states(page: Any, machine_id: str, states: list[str],
+                     timeout_ms: int = 10_000) -> list[dict[str, Any]]:
+    """Wait until the lane of ``machine_id`` shows exactly ``states``; its spans."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        page.wait_for_function(
+            """([id, states]) => {
+                const lane = fastrelayDashboard.timeline().lanes.find(l => l.id === id);
+                return lane !== undefined && lane.spans.map(s => s.state).join() === states.join();
+            }""",
+            arg=[machine_id, states], timeout=timeout_ms)
+    except PlaywrightTimeoutError as exc:
+        shown = [s["state"] for s in lane_spans(page, machine_id)]
+        raise AssertionError(f"lane {machine_id}: expected {states}, shows {shown}") from exc
+    return lane_spans(page, machine_id)
+
+
+def assert_unique_seqs(spans: list[dict[str, Any]]) -> None:
+    keys = [(s["epoch"], s["seq"]) for s in spans]
+    assert None not in (s["seq"] for s in spans), spans
+    assert len(set(keys)) == len(keys), f"a span drawn twice: {keys}"
+
+
+# The colour drawn near the right end of a span (its label is at the left),
+# once the canvas shows it: null until then.
+_SPAN_PIXEL_JS = """
+([id, seq]) => {
+    const p = fastrelayDashboard.timelinePoint(id, seq);
+    if (p === null) return null;
+    const c = document.getElementById('timeline-canvas');
+    const r = c.getBoundingClientRect();
+    const k = c.width / r.width;
+    const px = [...c.getContext('2d').getImageData(
+        Math.floor((p.right - 4 - r.left) * k), Math.floor((p.y - r.top) * k), 1, 1).data];
+    return px[3] === 255 ? px : null;
+}
+"""
+
+
+def span_colour(page: Any, machine_id: str, seq: int) -> list[int]:
+    handle = page.wait_for_function(_SPAN_PIXEL_JS, arg=[machine_id, seq], timeout=5_000)
+    return list(handle.json_value())
+
+
+def fixed(spans: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What a span is, without the end of the last one (that is now, and moves)."""
+    return [(s["state"], s["start"], s["seq"], s["epoch"], s["data"]) for s in spans]
+
+
+def test_timeline_lanes_spans_and_hover(relay: Relay, page: Any) -> None:
+    open_dashboard(page, relay)
+    # Timestamps set in the past, so each span has a width worth hovering.
+    base = float(int(time.time()))
+    relay.state("t-1", "idle", timestamp=base - 90, data={"job": "j-1"})
+    relay.state("t-1", "running", timestamp=base - 60, data={"job": "j-2"})
+    relay.state("t-1", "done", timestamp=base - 30, data={"job": "j-3"})
+    relay.state("t-2", "idle", timestamp=base - 80)
+    relay.state("t-2", "running", timestamp=base - 50)
+    spans = wait_lane_states(page, "t-1", ["idle", "running", "done"])
+    wait_lane_states(page, "t-2", ["idle", "running"])
+    assert [s["start"] for s in spans] == [base - 90, base - 60, base - 30]
+    assert [s["end"] for s in spans[:2]] == [base - 60, base - 30]
+    assert json.loads(spans[1]["data"]) == {"job": "j-2"}
+    assert_unique_seqs(spans)
+    assert [s["seq"] for s in spans] == sorted(s["seq"] for s in spans)
+
+    # Hovering a span says what it was.
+    running = spans[1]["seq"]
+    point = page.evaluate("([id, seq]) => fastrelayDashboard.timelinePoint(id, seq)", ["t-1", running])
+    assert point is not None
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_selector('#timeline-tip:not([hidden])[data-state="running"][data-machine-id="t-1"]',
+                           timeout=5_000)
+    tip = page.inner_text("#timeline-tip")
+    assert "running" in tip and "t-1" in tip and "30 s" in tip and "j-2" in tip, tip
+    page.mouse.move(0, 0)
+    page.wait_for_selector("#timeline-tip", state="hidden", timeout=5_000)
+
+    # One state, one colour, on every lane; another state, another colour.
+    t2 = lane_spans(page, "t-2")
+    assert span_colour(page, "t-1", running) == span_colour(page, "t-2", t2[1]["seq"])
+    assert span_colour(page, "t-1", running) != span_colour(page, "t-1", spans[0]["seq"])
+
+    # A shorter window: what ended before it is not shown.
+    page.select_option("#timeline-window", "60")
+    wait_lane_states(page, "t-1", ["running", "done"])
+
+
+def test_timeline_built_from_history(relay: Relay, page: Any) -> None:
+    base = float(int(time.time()))
+    relay.state("h-1", "queued", timestamp=base - 120)
+    relay.emit("log", "h-1", message="not a state")
+    relay.state("h-1", "running", timestamp=base - 100, data={"n": 1})
+    relay.state("h-2", "idle", timestamp=base - 110)
+    relay.state("h-1", "saving", timestamp=base - 40)
+    relay.wait_for(lambda: relay.health()["seq"] == 5, what="5 events accepted")
+    open_dashboard(page, relay)
+    spans = wait_lane_states(page, "h-1", ["queued", "running", "saving"])
+    assert [s["seq"] for s in spans] == [1, 3, 5]  # the relay's, from /api/history
+    wait_lane_states(page, "h-2", ["idle"])
+    page.wait_for_function("() => fastrelayDashboard.stats.historyLoads >= 1")
+
+    # Extended live.
+    relay.state("h-1", "done")
+    spans = wait_lane_states(page, "h-1", ["queued", "running", "saving", "done"])
+    assert_unique_seqs(spans)
+
+    # A rebuild (a fresh initial) fetches the history again: nothing twice.
+    loads = page.evaluate("fastrelayDashboard.stats.historyLoads")
+    assert page.evaluate("fastrelayDashboard.refresh()")
+    page.wait_for_function("(n) => fastrelayDashboard.stats.historyLoads > n", arg=loads)
+    assert fixed(lane_spans(page, "h-1")) == fixed(spans)
+    assert [s["state"] for s in lane_spans(page, "h-2")] == ["idle"]
+
+    # The history is fetched with the page's filter.
+    other = page.context.new_page()
+    open_dashboard(other, relay, "?machines=h-2")
+    wait_lane_states(other, "h-2", ["idle"])
+    other.wait_for_function("() => fastrelayDashboard.stats.historyLoads >= 1")
+    assert lane_ids(other) == ["h-2"]
+    other.close()
+
+
+def test_timeline_survives_reconnects(relay_factory: RelayFactory, tmp_path: Any,
+                                      page: Any) -> None:
+    state_dir = str(tmp_path / "state")
+    relay = relay_factory.start("--state-dir", state_dir, ping_interval=PING_INTERVAL)
+    base = float(int(time.time()))
+    relay.state("r-1", "idle", timestamp=base - 100)
+    relay.state("x-1", "elsewhere")  # outside the filter
+    relay.state("r-1", "running", timestamp=base - 80)
+    ws_urls = record_ws_urls(page)
+    open_dashboard(page, relay, "?machines=r-*")
+    wait_lane_states(page, "r-1", ["idle", "running"])
+    epoch = relay.health()["epoch"]
+
+    # A clean restart: the page resumes, with its filter, and the lane goes on.
+    assert relay.stop() == 0
+    page.wait_for_function("() => !fastrelayDashboard.connected", timeout=5_000)
+    relay = relay_factory.start("--state-dir", state_dir, port=relay.port,
+                                socket_path=relay.socket_path, ping_interval=PING_INTERVAL)
+    page.wait_for_function("() => fastrelayDashboard.stats.resumed >= 1", timeout=20_000)
+    relay.state("r-1", "saving", timestamp=base - 60)
+    spans = wait_lane_states(page, "r-1", ["idle", "running", "saving"])
+    assert_unique_seqs(spans)
+    resumed_with = query_of(ws_urls[-1])
+    assert resumed_with["machines"] == ["r-*"] and resumed_with["epoch"] == [epoch], ws_urls
+
+    # An unclean one: a new epoch, so the page rebuilds; the lane keeps what it
+    # had, gets the new history, and goes on.
+    relay.stop(signal.SIGKILL)
+    page.wait_for_function("() => !fastrelayDashboard.connected", timeout=5_000)
+    page.context.set_offline(True)  # back only once "done" is in the new relay's history
+    relay = relay_factory.start("--state-dir", state_dir, port=relay.port,
+                                socket_path=relay.socket_path, ping_interval=PING_INTERVAL)
+    relay.state("r-1", "done", timestamp=base - 40)
+    relay.wait_accepted(1)
+    from_history = page.evaluate("fastrelayDashboard.stats.historyEvents")
+    page.context.set_offline(False)
+    page.wait_for_function("() => fastrelayDashboard.stats.rebuilt >= 1", timeout=20_000)
+    relay.state("r-1", "idle", timestamp=base - 20)  # live
+    spans = wait_lane_states(page, "r-1", ["idle", "running", "saving", "done", "idle"])
+    assert_unique_seqs(spans)
+    assert page.evaluate("fastrelayDashboard.stats.historyEvents") == from_history + 1
+    new_epoch = relay.health()["epoch"]
+    assert new_epoch != epoch
+    assert [s["epoch"] for s in spans] == [epoch] * 3 + [new_epoch] * 2
+    assert lane_ids(page) == ["r-1"]
+
+
+# ----------------------------------------------------------------- sparkline
+
+
+def test_sparkline_counts_received_events(relay: Relay, page: Any) -> None:
+    open_dashboard(page, relay)
+    assert page.is_visible("#sparkline canvas")
+    for i in range(5):
+        relay.emit("log", "s-1", message=f"n-{i}")
+    page.wait_for_function(
+        "() => Number(document.getElementById('sparkline').dataset.events) >= 5", timeout=10_000)
+    assert sum(page.evaluate("fastrelayDashboard.sparkline()")) >= 5
+
+
+def test_odd_events_do_not_break_the_timeline(relay: Relay, page: Any) -> None:
+    odd: list[dict[str, Any]] = [
+        {"state": 7},                                   # not a string: no span
+        {"state": "s" * 3000, "data": {"blob": "x" * 30_000}, "timestamp": time.time() - 60},
+        {"state": "late", "timestamp": "yesterday"},    # not a number
+        {"state": "future", "timestamp": time.time() + 3600},
+        {"state": "nested", "data": [[[[{"deep": [1, 2, {"x": None}]}]]]]},
+    ]
+
+    def send_odd(machine_id: str) -> None:
+        for fields in odd:
+            relay.send(json.dumps({"type": "state_change", "machine_id": machine_id,
+                                   "timestamp": time.time(), **fields}).encode())
+        relay.send(json.dumps({"type": "state_change", "machine_id": 42, "state": "numeric-id",
+                               "timestamp": time.time()}).encode())
+        relay.state(machine_id, "fine")
+
+    send_odd("o-1")  # before the page: through /api/history
+    relay.wait_for(lambda: relay.health()["seq"] == len(odd) + 2, what="the odd events")
+    open_dashboard(page, relay)
+    page.wait_for_function("() => fastrelayDashboard.stats.historyLoads >= 1")
+    send_odd("o-2")  # live
+    for mid in ("o-1", "o-2"):
+        states = [s["state"] for s in wait_lane_has(page, mid, "fine")]
+        # Spans are placed by their timestamps: the future one after the others.
+        assert states[0] == "s" * 3000 and states[-1] == "future" and 7 not in states, states
+    # Without a usable time: placed at its arrival when live, left out from the history.
+    assert "late" not in [s["state"] for s in lane_spans(page, "o-1")]
+    assert "late" in [s["state"] for s in lane_spans(page, "o-2")]
+    assert lane_spans(page, "42")
+    data = lane_spans(page, "o-2")[0]["data"]
+    assert len(data) <= page.evaluate("fastrelayDashboard.config.spanDataChars") + 1
+    point = page.evaluate("([id, seq]) => fastrelayDashboard.timelinePoint(id, seq)",
+                          ["o-2", lane_spans(page, "o-2")[0]["seq"]])
+    page.mouse.move(point["x"], point["y"])
+    page.wait_for_selector("#timeline-tip:not([hidden])", timeout=5_000)
+    assert page.get_attribute("#timeline-tip", "data-state") == "s" * 3000
+    assert "x" * 100 in page.inner_text("#timeline-tip .tip-data")
+
+
+def wait_lane_has(page: Any, machine_id: str, state: str) -> list[dict[str, Any]]:
+    page.wait_for_function(
+        """([id, state]) => {
+            const lane = fastrelayDashboard.timeline().lanes.find(l => l.id === id);
+            return lane !== undefined && lane.spans.some(s => s.state === state);
+        }""",
+        arg=[machine_id, state], timeout=10_000)
+    return lane_spans(page, machine_id)

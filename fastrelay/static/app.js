@@ -13,8 +13,22 @@
 // `initial` instead rebuilds the grid and says in the log that events may be
 // missing. An event whose seq was already applied in this epoch is skipped.
 //
+// Subscription (DESIGN §8): the page can ask the relay for some machines and
+// event types only, `?machines=GLOB,...&types=TYPE,...` on the WebSocket and
+// on /api/history, and keeps the same parameters in its own URL so a link
+// opens the same view. A new filter is a new stream: the page reconnects
+// without epoch/since and rebuilds from its initial; a dropped connection
+// resumes with the filter it had. A filter the relay refuses (close 1008,
+// "bad filter: ...") is shown and not retried until the user changes it.
+//
+// The state timeline (timeline.js) is built from /api/history after each
+// initial (the events up to its seq; the later ones come live) and extended
+// by every live state event; spans are keyed by epoch and seq, so a replay
+// or a second fetch never draws one twice.
+//
 // Tests and scripts read `tr[data-machine-id][data-state]`, `#conn[data-status]`,
-// `#log li[data-type][data-machine-id]`, `#log li.gap` and `window.fastrelayDashboard`.
+// `#log li[data-type][data-machine-id]`, `#log li.gap`, `#timeline-tip[data-state]`,
+// `#sparkline[data-events]`, `#sub-error` and `window.fastrelayDashboard`.
 (function () {
   'use strict';
 
@@ -33,6 +47,14 @@
     healthTimeoutMs: 2500,
     offlineAfterMs: 30000,  // unreachable this long: shown as offline
     defaultWsPath: '/ws/events',
+    historyLimit: 5000,     // events asked of /api/history for the timeline
+    timelineLanes: 500,     // lanes drawn at most (the first by id that pass the filters)
+    timelineKeep: 1000,     // machines whose spans are kept (those that changed state last)
+    spansPerLane: 150,      // spans kept per machine (the newest)
+    horizonS: 900,          // spans that ended longer ago are forgotten: the longest window
+    spanDataChars: 300,     // of an event's data, kept for the hover
+    timelineRenderMs: 250,  // the timeline is redrawn at most this often (and this often while time runs)
+    sparkSeconds: 60,       // the header's sparkline: events per second over this long
   });
 
   const token = new URLSearchParams(location.search).get('token');
@@ -56,6 +78,7 @@
     messages: 0, events: 0, initials: 0, pings: 0, pongs: 0, badFrames: 0,
     connects: 0, closes: 0, renders: 0, lastRenderMs: 0, maxRenderMs: 0,
     resumed: 0, rebuilt: 0, duplicates: 0, seqGaps: 0,
+    historyLoads: 0, historyEvents: 0, historyErrors: 0, filterChanges: 0,
     eventsPerSec: 0, lastClose: null,
   };
 
@@ -140,6 +163,10 @@
     for (const id of next.keys()) dirty.add(id);
     structureDirty = true;
     orderDirty = true;
+    // Same machines as the grid: the spans of the others go; those kept are
+    // completed from the history fetched next.
+    timeline.retain(function (id) { return next.has(id); });
+    lanesChanged(true);
     pushSys('snapshot: ' + next.size + (next.size === 1 ? ' machine' : ' machines'));
     schedule();
   }
@@ -173,21 +200,34 @@
         model.machines.set(id, m);
         structureDirty = true;
         orderDirty = true;
+        lanesChanged(false);
       }
       if (typeof msg.state === 'string') {
         if (m.current_state !== msg.state) {
           m.previous_state = m.current_state;
           m.current_state = msg.state;
           m.state_since = ts;
+          if (machineTerms.length) lanesChanged(false);  // the grid's filter matches states too
         }
         if (typeof msg.previous_state === 'string') m.previous_state = msg.previous_state;
         if (msg.data !== undefined) m.data = msg.data;
+        recordSpan(id, msg, ts, seq, model.epoch);
       }
       m.last_activity = ts;
       m.count++;
       touch(m, sortKeyChanged);
     }
     pushLog(msg, ts);
+  }
+
+  /** A state event's span on its machine's lane; false when the lane has it already. */
+  function recordSpan(id, msg, ts, seq, epoch) {
+    const added = timeline.record(id, {
+      state: msg.state, start: ts, seq: seq, epoch: epoch, data: msg.data,
+      previous: typeof msg.previous_state === 'string' ? msg.previous_state : null,
+    });
+    if (added) timelineChanged(false);
+    return added;
   }
 
   function applyResumed(msg) {
@@ -223,9 +263,12 @@
       case 'initial':
         if (starting) {
           starting = false;
-          // A reconnect that could not resume: whatever happened in between
-          // is not in the log. Say so; the snapshot below rebuilds the grid.
-          if (stats.initials > 0 && !(msg.epoch === model.epoch && seqOf(msg.seq) === model.seq)) {
+          if (subChanged) {
+            // The first snapshot of a new filter, announced when it was applied.
+            subChanged = false;
+          } else if (stats.initials > 0 && !(msg.epoch === model.epoch && seqOf(msg.seq) === model.seq)) {
+            // A reconnect that could not resume: whatever happened in between
+            // is not in the log. Say so; the snapshot below rebuilds the grid.
             stats.rebuilt++;
             pushSys('reconnected: rebuilt from a fresh snapshot; events in between may be missing', 'gap');
           }
@@ -233,6 +276,7 @@
         // A refresh reply too: the events after it start at its seq + 1.
         notePosition(msg);
         applyInitial(msg);
+        loadHistory();
         // The relay answered with its snapshot: this connection is healthy.
         attempt = 0;
         pollHealth();  // its client count now includes this page
@@ -296,15 +340,17 @@
     return false;
   }
 
+  function withQuery(url, params) {
+    return params.length ? url + (url.indexOf('?') >= 0 ? '&' : '?') + params.join('&') : url;
+  }
+
+  function tokenParams() { return token === null ? [] : ['token=' + encodeURIComponent(token)]; }
+
   function wsUrl() {
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    let url = scheme + '//' + location.host + model.wsPath;
-    if (token !== null) url += (url.indexOf('?') >= 0 ? '&' : '?') + 'token=' + encodeURIComponent(token);
-    if (model.epoch !== null) {
-      url += (url.indexOf('?') >= 0 ? '&' : '?') + 'epoch=' + encodeURIComponent(model.epoch) +
-        '&since=' + model.seq;
-    }
-    return url;
+    const params = tokenParams().concat(filterParams());
+    if (model.epoch !== null) params.push('epoch=' + encodeURIComponent(model.epoch) + '&since=' + model.seq);
+    return withQuery(scheme + '//' + location.host + model.wsPath, params);
   }
 
   function connect() {
@@ -340,22 +386,32 @@
     sock.onerror = function () { /* onclose follows and says what happened */ };
   }
 
-  function dropSocket(ev) {
+  /** Forget the current socket, if any, without a word to the user. */
+  function releaseSocket() {
     const sock = ws;
     ws = null;
     if (sock) {
       sock.onopen = sock.onmessage = sock.onclose = sock.onerror = null;
       try { sock.close(); } catch (e) { /* already closed */ }
     }
-    stats.closes++;
-    const wasOpen = openedAt > 0;
-    if (wasOpen && performance.now() - openedAt >= CFG.healthyAfterMs) attempt = 0;
     openedAt = 0;
     pingIntervalMs = 0;
     lastPingAt = 0;
+  }
+
+  function dropSocket(ev) {
+    const wasOpen = openedAt > 0;
+    if (wasOpen && performance.now() - openedAt >= CFG.healthyAfterMs) attempt = 0;
+    releaseSocket();
+    stats.closes++;
     stats.lastClose = ev ? { code: ev.code, reason: ev.reason || '' } : null;
     if (wasOpen) {
       pushSys('connection closed' + (ev ? ' (code ' + ev.code + (ev.reason ? ', ' + ev.reason : '') + ')' : ''));
+    }
+    // The same filter would be refused again: wait for the user to change it.
+    if (ev && ev.code === 1008 && typeof ev.reason === 'string' && ev.reason.startsWith('bad filter:')) {
+      refuseSubscription(ev.reason);
+      return;
     }
     if (!unreachableSince) unreachableSince = performance.now();
     scheduleReconnect();
@@ -379,7 +435,7 @@
   }
 
   function updateOfflineStatus() {
-    if (ws) return;
+    if (ws || subRefused !== null) return;
     const offline = navigator.onLine === false ||
       (unreachableSince && performance.now() - unreachableSince >= CFG.offlineAfterMs);
     setStatus(offline ? 'offline' : 'reconnecting');
@@ -414,9 +470,126 @@
   }
 
   window.addEventListener('online', function () {
-    if (!ws) { attempt = 0; connect(); }
+    if (!ws && subRefused === null) { attempt = 0; connect(); }
   });
   window.addEventListener('offline', updateOfflineStatus);
+
+  // --------------------------------------------------------- subscription
+
+  /** A comma-separated filter as the relay reads it: terms trimmed; null for none. */
+  function filterList(text) {
+    if (typeof text !== 'string' || text.trim() === '') return null;
+    // Empty terms stay: the relay's refusal says what is wrong better than a silent fix.
+    return text.split(',').map(function (t) { return t.trim(); }).join(',');
+  }
+
+  function subscriptionOfPage() {
+    const q = new URLSearchParams(location.search);
+    return { machines: filterList(q.get('machines')), types: filterList(q.get('types')) };
+  }
+
+  let sub = subscriptionOfPage();  // {machines, types}: what this page asks the relay for
+  let subRefused = null;           // the relay's reason, while it refuses `sub`
+  let subChanged = false;          // the next initial is a new filter's first
+
+  // Commas, globs and "?" mean the same raw in a query, and read better in a link.
+  function queryValue(v) { return encodeURIComponent(v).replace(/%2C/gi, ',').replace(/%3F/gi, '?'); }
+
+  function filterParams() {
+    const out = [];
+    if (sub.machines !== null) out.push('machines=' + queryValue(sub.machines));
+    if (sub.types !== null) out.push('types=' + queryValue(sub.types));
+    return out;
+  }
+
+  function describeSubscription() {
+    if (sub.machines === null && sub.types === null) return 'the whole stream';
+    return 'machines ' + (sub.machines === null ? 'any' : sub.machines) +
+      ' · types ' + (sub.types === null ? 'any' : sub.types);
+  }
+
+  /** The page's URL says the filter, so that a link or a reload opens the same view. */
+  function writePageUrl() {
+    // Every other parameter (token=...) stays exactly as it was written.
+    const kept = location.search.slice(1).split('&').filter(function (p) {
+      return p !== '' && !/^(machines|types)(=|$)/.test(p);
+    });
+    const query = kept.concat(filterParams()).join('&');
+    history.replaceState(history.state, '', location.pathname + (query ? '?' + query : '') + location.hash);
+  }
+
+  function applySubscription(machines, types) {
+    const next = { machines: filterList(machines), types: filterList(types) };
+    const same = next.machines === sub.machines && next.types === sub.types;
+    sub = next;
+    if (same && subRefused === null) {
+      renderSubscription();  // the inputs as the relay reads them
+      return;
+    }
+    subRefused = null;
+    stats.filterChanges++;
+    writePageUrl();
+    renderSubscription();
+    pushSys('filter: ' + describeSubscription());
+    // Another stream: start over from its snapshot, never resume the old one.
+    model.epoch = null;
+    model.seq = 0;
+    subChanged = true;
+    releaseSocket();
+    attempt = 0;
+    unreachableSince = 0;
+    connect();
+  }
+
+  function refuseSubscription(reason) {
+    subRefused = reason;
+    clearTimeout(retryTimer);
+    retryTimer = 0;
+    setStatus('refused');
+    renderSubscription();
+  }
+
+  // ----------------------------------------------------------- history
+
+  // Fetched after every initial: that snapshot's seq splits the stream into
+  // the past (the relay's history, up to it) and what arrives live (after it).
+  let historyGen = 0;          // only the answer to the latest fetch is used
+
+  function loadHistory() {
+    const gen = ++historyGen;
+    const epoch = model.epoch;
+    const upto = model.seq;
+    if (epoch === null) return;
+    const params = tokenParams().concat(filterParams(), ['limit=' + CFG.historyLimit]);
+    fetch(withQuery('/api/history', params), { cache: 'no-store' })
+      .then(function (r) {
+        if (r.ok) return r.json();
+        return r.text().then(function (t) {
+          throw new Error('HTTP ' + r.status + (t.trim() ? ': ' + t.trim().slice(0, 200) : ''));
+        });
+      })
+      .then(function (h) {
+        if (gen === historyGen) applyHistory(h, epoch, upto);
+      }, function (err) {
+        stats.historyErrors++;
+        if (gen === historyGen) pushSys('no history for the timeline (' + err.message + ')');
+      });
+  }
+
+  function applyHistory(h, epoch, upto) {
+    stats.historyLoads++;
+    // Another epoch's seqs say nothing about this one's: none of it applies.
+    if (!h || typeof h !== 'object' || h.epoch !== epoch || !Array.isArray(h.events)) return;
+    for (const ev of h.events) {
+      if (!ev || typeof ev !== 'object' || typeof ev.state !== 'string') continue;
+      const seq = seqOf(ev.seq);
+      const ts = num(ev.timestamp);
+      const rawId = ev.machine_id;
+      if (seq === null || seq > upto || ts === null || rawId === undefined || rawId === null || rawId === '') continue;
+      const id = String(rawId);
+      if (model.machines.has(id) && recordSpan(id, ev, ts, seq, epoch)) stats.historyEvents++;
+    }
+  }
 
   // --------------------------------------------------------------- health
 
@@ -471,6 +644,11 @@
     log: $('log'), logFilter: $('log-filter'), logStates: $('log-states'),
     logPause: $('log-pause'), logClear: $('log-clear'), logInfo: $('log-info'),
     refresh: $('refresh'), rowTemplate: $('row-template'),
+    sub: $('subscription'), subMachines: $('sub-machines'), subTypes: $('sub-types'),
+    subClear: $('sub-clear'), subError: $('sub-error'),
+    sparkline: $('sparkline'), sparkCanvas: $('spark-canvas'), sparkRate: $('spark-rate'),
+    tlScroll: $('timeline-scroll'), tlCanvas: $('timeline-canvas'), tlSpacer: $('timeline-spacer'),
+    tlTip: $('timeline-tip'), tlWindow: $('timeline-window'), tlInfo: $('timeline-info'),
   };
 
   // Stable colour per state name: a few conventional names get their
@@ -884,6 +1062,7 @@
     let text;
     if (status === 'connected') text = 'connected';
     else if (status === 'connecting') text = 'connecting…';
+    else if (status === 'refused') text = 'not connected: filter refused';
     else {
       const left = Math.max(0, Math.ceil((retryAt - performance.now()) / 1000));
       const when = retryTimer ? (left > 0 ? 'reconnecting in ' + left + ' s' : 'reconnecting…') : 'reconnecting…';
@@ -914,6 +1093,119 @@
     el.hVersion.textContent = h.version || '—';
     el.health.title = model.healthOk === false ? 'relay unreachable: /healthz did not answer' : '';
     healthDirty = false;
+  }
+
+  // ------------------------------------------------ subscription and spark
+
+  function renderSubscription() {
+    el.subMachines.value = sub.machines === null ? '' : sub.machines;
+    el.subTypes.value = sub.types === null ? '' : sub.types;
+    el.sub.dataset.active = String(sub.machines !== null || sub.types !== null);
+    el.subError.hidden = subRefused === null;
+    el.subError.textContent = subRefused === null ? '' : subRefused;
+  }
+
+  const spark = { rates: [], total: 0, counts: [] };  // the last sparkSeconds ticks, oldest first
+  let sparkDirty = true;
+
+  function noteSparkTick(count, dt) {
+    spark.rates.push(count / dt);
+    spark.counts.push(count);
+    spark.total += count;
+    if (spark.counts.length > CFG.sparkSeconds) {
+      spark.rates.shift();
+      spark.total -= spark.counts.shift();
+    }
+    sparkDirty = true;
+  }
+
+  function renderSpark() {
+    const c = el.sparkCanvas;
+    const dpr = window.devicePixelRatio || 1;
+    const w = c.clientWidth || 120;
+    const h = c.clientHeight || 22;
+    if (c.width !== Math.round(w * dpr)) { c.width = Math.round(w * dpr); c.height = Math.round(h * dpr); }
+    const ctx = c.getContext('2d');
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, w, h);
+    const rates = spark.rates;
+    const peak = rates.reduce(function (a, b) { return Math.max(a, b); }, 0);
+    const step = w / (CFG.sparkSeconds - 1);
+    const y = function (r) { return h - 1 - (peak > 0 ? r / peak : 0) * (h - 3); };
+    // Newest at the right edge; the seconds not seen yet are left empty.
+    const x0 = w - (rates.length - 1) * step;
+    ctx.beginPath();
+    rates.forEach(function (r, i) { ctx[i ? 'lineTo' : 'moveTo'](x0 + i * step, y(r)); });
+    const line = getComputedStyle(c).color;
+    ctx.strokeStyle = line;
+    ctx.lineWidth = 1.25;
+    ctx.stroke();
+    if (rates.length > 1) {
+      ctx.lineTo(w, h);
+      ctx.lineTo(x0, h);
+      ctx.closePath();
+      ctx.globalAlpha = 0.18;
+      ctx.fillStyle = line;
+      ctx.fill();
+      ctx.globalAlpha = 1;
+    }
+    const last = rates.length ? rates[rates.length - 1] : 0;
+    el.sparkRate.textContent = fmtRate(last) + ' ev/s';
+    el.sparkline.dataset.events = String(spark.total);
+    el.sparkline.title = 'events received per second, last ' + CFG.sparkSeconds + ' s: ' +
+      spark.total.toLocaleString('en-US') + ' events, peak ' + fmtRate(peak) + ' ev/s';
+    sparkDirty = false;
+  }
+
+  // --------------------------------------------------------------- timeline
+
+  const timeline = window.fastrelayTimeline({
+    scroll: el.tlScroll, canvas: el.tlCanvas, spacer: el.tlSpacer, tip: el.tlTip,
+    caps: { lanes: CFG.timelineKeep, spansPerLane: CFG.spansPerLane, horizonS: CFG.horizonS, dataChars: CFG.spanDataChars },
+    colourOf: colourOf, setBadge: setBadge, fmtClock: fmtClock, fmtDuration: fmtDuration,
+    stateOf: function (id) { const m = model.machines.get(id); return m ? m.current_state : null; },
+    now: serverNow,
+    onChange: timelineChanged,
+  });
+  let timelineDirty = true;
+  let timelineUrgent = false;  // scrolled, resized, new window: draw on the next frame
+  let lastTimelineAt = -Infinity;
+
+  function timelineChanged(urgent) {
+    timelineDirty = true;
+    if (urgent) timelineUrgent = true;
+    schedule();
+  }
+  let laneListDirty = true;    // which lanes, in which order: recomputed at most every resortMs
+  let laneListUrgent = true;
+  let lastLaneListAt = -Infinity;
+
+  function lanesChanged(urgent) {
+    laneListDirty = true;
+    if (urgent) laneListUrgent = true;
+    schedule();
+  }
+
+  // The grid's machines that pass its filter, by id; at most timelineLanes of them.
+  function updateLaneList(now) {
+    const list = [];
+    for (const m of model.machines.values()) if (matchesMachine(m)) list.push(m.id);
+    list.sort(collator.compare);
+    const shown = list.length > CFG.timelineLanes ? list.slice(0, CFG.timelineLanes) : list;
+    timeline.setLanes(shown);
+    el.tlInfo.textContent = shown.length + (shown.length === 1 ? ' lane' : ' lanes') +
+      (shown.length < list.length ? ' · the first ' + shown.length + ' of ' + list.length.toLocaleString('en-US') + ' machines: narrow the filter' : '');
+    laneListDirty = false;
+    laneListUrgent = false;
+    lastLaneListAt = now;
+    timelineDirty = true;
+  }
+
+  function drawTimeline(at) {
+    timeline.draw(serverNow());
+    timelineDirty = false;
+    timelineUrgent = false;
+    lastTimelineAt = at;
   }
 
   // ---------------------------------------------------------- frame loop
@@ -964,6 +1256,9 @@
     }
     if (orderDirty || (orderStale && t0 - lastSortAt >= CFG.resortMs)) applyOrder();
     if (countDirty) renderCount();
+    if (laneListDirty && (laneListUrgent || t0 - lastLaneListAt >= CFG.resortMs)) updateLaneList(t0);
+    if (timelineDirty && (timelineUrgent || t0 - lastTimelineAt >= CFG.timelineRenderMs)) drawTimeline(t0);
+    if (sparkDirty) renderSpark();
     if (logDirty) {
       if (logRebuild || t0 - lastLogRenderAt >= CFG.logRenderMs) renderLog(t0);
     }
@@ -974,7 +1269,7 @@
     stats.lastRenderMs = took;
     if (took > stats.maxRenderMs) stats.maxRenderMs = took;
     // Work postponed by a rate limit comes back on a later frame.
-    if (logDirty || orderStale || deferred) schedule();
+    if (logDirty || orderStale || deferred || laneListDirty || timelineDirty) schedule();
   }
 
   // One tick a second: rates, ages, liveness.
@@ -992,6 +1287,8 @@
     const ev = stats.events - lastTickEvents;
     lastTickEvents = stats.events;
     stats.eventsPerSec = stats.eventsPerSec * 0.5 + (ev / dt) * 0.5;
+    noteSparkTick(ev, dt);
+    timeline.prune(serverNow());
     if (sortKey === 'rate' || sortKey === 'since' || sortKey === 'activity') orderStale = true;
     clockDirty = true;
     checkLiveness();
@@ -999,12 +1296,27 @@
     schedule();
   }, 1000);
 
+  // Time runs: the spans in progress grow and the window slides.
+  setInterval(function () { timelineChanged(false); }, CFG.timelineRenderMs);
+
   // ------------------------------------------------------------ controls
 
   el.filter.addEventListener('input', function () {
     machineTerms = parseTerms(el.filter.value);
     filterDirty = true;
-    schedule();
+    lanesChanged(true);
+  });
+
+  el.sub.addEventListener('submit', function (ev) {
+    ev.preventDefault();
+    applySubscription(el.subMachines.value, el.subTypes.value);
+  });
+  el.subClear.addEventListener('click', function () { applySubscription('', ''); });
+
+  el.tlWindow.addEventListener('change', function () {
+    const s = Number(el.tlWindow.value);
+    if (s > 0) timeline.setWindow(s);
+    timelineChanged(true);
   });
 
   el.table.tHead.addEventListener('click', function (ev) {
@@ -1063,6 +1375,8 @@
     get connected() { return !!ws && ws.readyState === WebSocket.OPEN; },
     get status() { return status; },
     get attempt() { return attempt; },
+    /** A reconnect is scheduled. */
+    get retrying() { return retryTimer !== 0; },
     /** id -> current_state, as a plain object. */
     states: function () {
       const out = {};
@@ -1070,12 +1384,20 @@
       return out;
     },
     refresh: function () { return send('{"type":"refresh"}'); },
+    /** {window, lanes: [{id, lead, spans: [{state, start, end, seq, epoch, data}]}]}, lanes as drawn. */
+    timeline: function () { return timeline.snapshot(serverNow()); },
+    /** Client coordinates of the span of event `seq` on lane `id` (scrolled into view), or null. */
+    timelinePoint: function (id, seq) { return timeline.pointOf(id, seq, serverNow()); },
+    /** Events received in each second of the sparkline, oldest first. */
+    sparkline: function () { return spark.counts.slice(); },
   };
 
   // ---------------------------------------------------------------- start
 
   renderStatus();
   renderCount();
+  renderSubscription();
+  timeline.setWindow(Number(el.tlWindow.value) || timeline.window);  // a reload may keep the choice
   // /healthz first: it names the WebSocket path (the default serves if it fails).
   fetchHealth().then(connect);
   healthTimer = setTimeout(pollHealth, CFG.healthPollMs);
