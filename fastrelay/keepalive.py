@@ -69,7 +69,12 @@ class Keepalive:
     def ping_now(self) -> None:
         """Send one JSON ping to every client and close those silent for too long."""
         hub = self.hub
-        hub.broadcast(orjson.dumps({"type": "ping", "timestamp": time.time()}))
+        # Written behind every event accepted so far, so "through" tells each
+        # client, filtered or not, that it has been sent all it takes up to
+        # there: a filter that matches rarely still resumes from a recent seq.
+        hub.flush()
+        hub.broadcast(orjson.dumps({"type": "ping", "timestamp": time.time(),
+                                    "epoch": hub.history.epoch, "through": hub.seq}))
         now = time.monotonic()
         deadline = now - self.silence_limit
         silent = []

@@ -317,6 +317,15 @@ class Subscriber:
             self._seq = seq
         self._put(transport, message, size)
 
+    def _on_ping(self, ping: dict[str, Any]) -> None:
+        # Every event up to "through" that our filter takes came before this
+        # ping: a reconnect resumes from there, which the relay still holds
+        # even when the filter matched nothing for a long time.
+        through = ping.get("through")
+        if (not self._closed and type(through) is int and self._epoch is not None
+                and ping.get("epoch") == self._epoch and through > self._seq):
+            self._seq = through
+
     # -- connecting ------------------------------------------------------------------
 
     def _connect_url(self) -> str:
@@ -431,6 +440,7 @@ class _Connection(WSListener):
             return
         if message.get("type") == "ping":
             transport.send(WSMsgType.TEXT, _PONG)
+            self.subscriber._on_ping(message)
             return
         self.subscriber._on_message(self, transport, message, len(payload))
 

@@ -412,13 +412,14 @@ def test_a_state_dir_that_cannot_be_written_is_a_one_line_error(relay_factory, t
 async def test_pings_do_not_take_seqs(relay_factory):
     relay = relay_factory.start(ping_interval=0.2)
     async with await connect(relay.url) as ws:
-        await recv_json(ws)
+        epoch = (await recv_json(ws))["epoch"]
         pings = 0
         while pings < 2:
             message = await recv_json(ws)
             if message["type"] == "ping":
                 pings += 1
                 assert "seq" not in message
+                assert (message["epoch"], message["through"]) == (epoch, 0)
                 await ws.send(PONG)
         relay.emit("tick")
         assert (await recv_events(ws, 1))[0]["seq"] == 1

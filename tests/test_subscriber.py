@@ -346,3 +346,26 @@ async def test_tail_prints_a_line_per_event_and_resumes_silently(relay_factory: 
         code, stderr = tail.stop()
     assert code == 0, stderr
     assert "connected to" in stderr and TOKEN not in stderr
+
+
+async def test_a_rarely_matching_subscriber_resumes_across_a_restart_from_its_pings(
+        relay_factory: RelayFactory, tmp_path: Path):
+    state = tmp_path / "state"
+    relay = relay_factory.start("--state-dir", str(state), "--history", "5", ping_interval=0.3)
+    subscriber = Subscriber(relay.url, machines=["rare"], **FAST)
+    reader = Reader(subscriber)
+    await reader.until_initial()
+    relay.emit("tick", "rare", n=0)  # seq 1
+    for _ in range(20):  # 2..21, none for it: the history forgets seq 1
+        relay.emit("tick", "common")
+    await reader.until_events(1)
+    # Its position follows the pings, which say it was sent all it takes up to 21.
+    await until(lambda: subscriber._seq >= 21, 10, "a ping after seq 21")
+    relay = await restart(relay_factory, relay, signal.SIGTERM, state, "--history", "5",
+                          ping_interval=0.3)
+    relay.emit("tick", "rare", n=1)  # 22
+    events = await reader.until_events(2)
+    await until(lambda: subscriber.resumes >= 1, 10, "a resumed reconnect")
+    assert seqs(events) == [1, 22] and [e["n"] for e in events] == [0, 1]
+    assert len(reader.initials()) == 1
+    await reader.close()

@@ -251,6 +251,30 @@ async def test_a_filtered_resume_through_a_long_history_it_barely_matches(relay_
     assert [e["seq"] for e in events] == [11, 5001, 6001]
 
 
+async def test_a_rarely_matching_filter_resumes_from_the_position_its_pings_give(relay_factory):
+    relay = relay_factory.start("--history", "5", ping_interval=0.3)
+    async with await connect(_url(relay, "machines=rare")) as ws:
+        epoch = (await recv_json(ws))["epoch"]
+        relay.emit("tick", "rare")  # 1
+        for _ in range(20):  # 2..21: the history forgets seq 1
+            relay.emit("tick", "common")
+        assert (await recv_json(ws))["seq"] == 1
+        through = 0
+        while through < 21:  # the ping says every event it takes up to here was sent
+            ping = await recv_json(ws)
+            assert ping["type"] == "ping" and ping["epoch"] == epoch
+            through = ping["through"]
+            await ws.send(PONG)
+    relay.emit("tick", "common")  # 22
+    relay.emit("tick", "rare")  # 23
+    await relay.until_accepted(23)
+    async with await connect(_url(relay, f"machines=rare&epoch={epoch}&since=1")) as ws:
+        assert (await recv_json(ws))["type"] == "initial"  # its last event is long forgotten
+    async with await connect(_url(relay, f"machines=rare&epoch={epoch}&since={through}")) as ws:
+        assert (await recv_json(ws))["type"] == "resumed"
+        assert [e["seq"] for e in await recv_events(ws, 1)] == [23]
+
+
 # ----------------------------------------------------------------- refusals
 
 

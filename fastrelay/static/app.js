@@ -452,6 +452,11 @@
 
   function notePing(msg) {
     noteServerClock(msg.timestamp);
+    // Everything up to `through` that our filter takes is already here, so a
+    // reconnect may resume from there (the history may have forgotten our
+    // last event long ago when the filter matches rarely).
+    const through = seqOf(msg.through);
+    if (msg.epoch === model.epoch && through !== null && through > model.seq) model.seq = through;
     const now = performance.now();
     if (lastPingAt) pingIntervalMs = now - lastPingAt;
     lastPingAt = now;
