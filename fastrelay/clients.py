@@ -353,8 +353,8 @@ class Clients:
         waiting, self._refreshing = self._refreshing, []
         retry = _REFRESH_RETRY
         for client in waiting:
-            if client.close_reason is not None:
-                continue
+            if client.close_reason is not None or client not in self.members:
+                continue  # closed, or gone (aborted) while it waited
             feed = client.feed
             generation = feed.generation
             if generation is None or feed.catchup:  # the registry changed since it was built
@@ -406,8 +406,12 @@ class Clients:
         """The feed of ``subscription``'s filter; None when it would be one too many
         (each distinct filter costs a buffer per batch, so their number is bounded)."""
         feed = self.feeds.get(subscription.key)
-        if feed is None and len(self.feeds) < self.max_feeds:
-            feed = self.feeds[subscription.key] = Feed(subscription, self.firehose.catchup_limit)
+        if feed is None:
+            if len(self.feeds) >= self.max_feeds:
+                self.sweep()
+            if len(self.feeds) < self.max_feeds:
+                feed = self.feeds[subscription.key] = Feed(subscription,
+                                                           self.firehose.catchup_limit)
         return feed
 
     def _leave(self, client: Client) -> None:
@@ -415,9 +419,41 @@ class Clients:
         self.members.discard(client)
         feed = client.feed
         feed.members.discard(client)
-        if not feed.members and feed.subscription is not None:
-            if self.feeds.get(feed.subscription.key) is feed:
-                del self.feeds[feed.subscription.key]
+        if not feed.members:
+            self.keep(feed)
+
+    def keep(self, feed: Feed, now: float | None = None) -> bool:
+        """True while ``feed`` is worth writing to; a filter nobody uses is forgotten.
+
+        An empty feed lingers while its snapshot may still be shared (the same
+        spacing that bounds rebuilds for joiners in a loop), so that clients
+        connecting one after another with one filter do not each cost a fresh
+        snapshot.
+        """
+        if feed.members or feed.subscription is None:
+            return True
+        generation = feed.generation
+        if generation is not None and (now or _monotonic()) < generation.reusable_from:
+            return True
+        if self.feeds.get(feed.subscription.key) is feed:
+            del self.feeds[feed.subscription.key]
+        return False
+
+    def sweep(self) -> None:
+        """Forget the filters nobody uses, and snapshots no joiner will share any more
+        (what the relay holds stays bounded by the snapshots on their way)."""
+        now = _monotonic()
+        for feed in (self.firehose, *self.feeds.values()):
+            generation = feed.generation
+            if generation is not None and not generation.users and now >= generation.reusable_from:
+                feed.forget_snapshot()
+        for feed in list(self.feeds.values()):
+            self.keep(feed, now)
+
+    @property
+    def filters(self) -> int:
+        """Distinct filters clients are subscribed with now."""
+        return sum(1 for feed in self.feeds.values() if feed.members)
 
     def _resume(self, client: Client, epoch_text: str, since_text: str) -> bool:
         """Queue ``resumed`` and the events after ``since``; False (counted) when the
@@ -525,17 +561,17 @@ class Clients:
                     if item.done:
                         queue.popleft()
                     frames, count = taken
-                    if not count:
-                        if not item.done:
-                            # A filter that matched nothing in this stretch: look
-                            # further on the next turn of the loop, not now.
-                            asyncio.get_running_loop().call_soon(self._pump, client)
-                            break
-                        continue
-                    self.replayed += count
-                    self.frames_sent += count
-                    self.bytes_sent += len(frames)
-                    write(frames)
+                    if count:
+                        self.replayed += count
+                        self.frames_sent += count
+                        self.bytes_sent += len(frames)
+                        write(frames)
+                    if item.subscription is not None and not item.done:
+                        # A filtered replay reads the history back event by event:
+                        # look further on the next turn of the loop, so that a
+                        # filter matching little of a long history stalls nothing.
+                        asyncio.get_running_loop().call_soon(self._pump, client)
+                        break
                 elif type(item) is _Snapshot:
                     piece = item.take(CHUNK)
                     if item.done:

@@ -11,6 +11,7 @@ of the stream.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EventKey", "Feed", "frame_key", "takes_frame"]
 
+_monotonic = time.monotonic
 #: What a filter looks at in an event: its machine_id (None when it has no
 #: string one) and its type.
 EventKey = tuple[str | None, str]
@@ -77,6 +79,13 @@ class Feed:
 
     def record(self, batch: bytes) -> None:
         """Remember a batch just written to the members, as catch-up for the next joiner."""
+        generation = self.generation
+        if generation is not None and not generation.users and (
+                _monotonic() >= generation.reusable_from):
+            # The next joiner would get a fresh one anyway: hold no snapshot
+            # nobody is being sent.
+            self.forget_snapshot()
+            return
         self.catchup.append(batch)
         self.catchup_bytes += len(batch)
         if self.catchup_bytes > self.catchup_limit:
@@ -93,6 +102,14 @@ class Feed:
         if subscription is None:
             return b"".join(frames), len(frames)
         matches = subscription.matches
-        chosen = [frame for frame, (machine_id, kind) in zip(frames, keys, strict=True)
-                  if matches(machine_id, kind)]
+        # A types filter leaves out events that still change machines it lists:
+        # its snapshot plus catch-up would then be stale, so it is not shared again.
+        hides = subscription.types is not None and self.generation is not None
+        chosen = []
+        for frame, (machine_id, kind) in zip(frames, keys, strict=True):
+            if matches(machine_id, kind):
+                chosen.append(frame)
+            elif hides and machine_id is not None and subscription.matches_machine(machine_id):
+                self.forget_snapshot()
+                hides = False
         return b"".join(chosen), len(chosen)

@@ -294,9 +294,12 @@ class Hub:
 
     def _send_feeds(self, frames: list[bytes], keys: list[EventKey]) -> None:
         """Write each filter's share of the batch to the clients that share that filter."""
-        enqueue = self.peers.enqueue
+        peers = self.peers
+        enqueue = peers.enqueue
         # A list: closing a feed's last client forgets the feed.
-        for feed in list(self.peers.feeds.values()):
+        for feed in list(peers.feeds.values()):
+            if not feed.members and not peers.keep(feed):
+                continue
             data, count = feed.select(frames, keys)
             if not count:
                 continue
@@ -315,6 +318,7 @@ class Hub:
     def broadcast(self, payload: bytes) -> None:
         """Send one relay-made message (a ping) to every client, framed once."""
         self.flush()
+        self.peers.sweep()
         batch = self._batch
         batch.add(payload)
         feeds = self.peers.feeds
@@ -426,6 +430,6 @@ class Hub:
             history_oldest_seq=history.first_seq if len(history) else None,
             resumes={outcome: n for outcome, n in peers.resumes.items()},
             replayed=peers.replayed,
-            filters=len(peers.feeds),
+            filters=peers.filters,
             filtered_clients=len(self.clients) - len(self.firehose),
         )

@@ -204,6 +204,48 @@ async def test_refresh_gets_a_filtered_initial(relay):
     assert sorted(m["id"] for m in refreshed["machines"]) == ["web-1", "web-2"]
 
 
+async def test_a_types_filter_snapshot_reflects_the_events_it_leaves_out(relay):
+    async with await connect(_url(relay, "types=state_change")) as first:
+        assert (await recv_json(first))["machines"] == []
+        for i in range(5):  # they change the registry, yet this filter does not take them
+            relay.emit("heartbeat", f"m{i}", state="up")
+        await relay.until_accepted(5)
+        async with await connect(_url(relay, "types=state_change")) as second:
+            joined = await recv_json(second)
+            assert (joined["seq"], sorted(m["id"] for m in joined["machines"])) == (
+                5, ["m0", "m1", "m2", "m3", "m4"])
+        await first.send('{"type":"refresh"}')
+        refreshed = await recv_json(first)
+        assert refreshed["type"] == "initial" and refreshed["seq"] == 5
+        assert all(m["current_state"] == "up" for m in refreshed["machines"])
+
+
+async def test_a_refresher_that_vanishes_while_it_waits_delays_no_one(relay_factory):
+    relay = relay_factory.start("--max-snapshots", "1")
+    for i in range(3000):
+        relay.emit("tick", f"m{i}", state="s", data={"pad": "y" * 300})
+    await relay.until_accepted(3000, timeout=30)
+    # A client that never reads holds the one snapshot allowed on its way.
+    stuck = await raw_handshake(Loopback(), relay, rcvbuf=4096)
+    gone = await connect(_url(relay, "machines=m1*"))
+    waiting = await connect(_url(relay, "machines=m2"))
+    await recv_json(gone)
+    await recv_json(waiting)
+    relay.state("m1", "t")
+    relay.state("m2", "t")
+    await recv_events(gone, 1)
+    await recv_events(waiting, 1)
+    await gone.send('{"type":"refresh"}')
+    await waiting.send('{"type":"refresh"}')
+    gone.transport.abort()  # while its refresh waits for the snapshot slot
+    await relay.until_health(lambda h: h["clients"] == 2, what="the aborted client gone")
+    stuck.close()  # the slot frees: the one still waiting is served
+    refreshed = await recv_events(waiting, 1, timeout=20)
+    assert refreshed[0]["type"] == "initial" and [m["id"] for m in refreshed[0]["machines"]] == ["m2"]
+    await waiting.close()
+    assert "Traceback" not in relay.log_text() and "Exception" not in relay.log_text()
+
+
 async def test_pings_reach_filtered_clients_that_match_nothing(relay_factory):
     relay = relay_factory.start(ping_interval=0.3)
     async with await connect(_url(relay, "machines=nothing-here")) as ws:
