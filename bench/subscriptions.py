@@ -9,6 +9,13 @@ For each backend, side by side in one run, in interleaved rounds:
 - *filtered*: the same clients, each process's 100 on one filter
   ``?machines=bench-E-m*``, one per emitter: each client gets its emitter's
   20 events/s, 20,000 deliveries/s in all.
+- *unfiltered-100*: one process of 100 unfiltered clients, the same emitters:
+  the filtered run's deliveries and writes (100 per event, one event each)
+  without filters, which isolates what filtering itself costs. The first pair
+  differs in batching as well: a relay writing each event to 1,000 clients
+  takes long enough that the next events join the same write, so it makes
+  fewer, larger writes per delivery, and a write (a loopback TCP send) costs
+  far more than the bytes in it.
 
 Per run: relay CPU (schedstat, all threads) over the window divided by the
 deliveries the clients counted in it (µs per delivery), and the growth of
@@ -41,7 +48,7 @@ from bench.common import sched_ns
 from bench.procs import ClientProc, Relay, spawn_emitters
 
 BACKENDS = ("fastrelay-cython", "fastrelay-python")
-MODES = ("unfiltered", "filtered")
+MODES = ("unfiltered", "filtered", "unfiltered-100")
 _SAMPLE = re.compile(rb"^(fastrelay_\w+) ([0-9.e+]+)$", re.MULTILINE)
 
 
@@ -51,15 +58,15 @@ def metrics(relay: Relay) -> dict[str, float]:
 
 
 def one_run(contender: str, mode: str, args: argparse.Namespace, workdir: str) -> dict[str, Any]:
-    relay = Relay(contender, 10.0, workdir)
+    relay = Relay(contender, args.ping_interval, workdir)
     relay.start()
     emitters = list(range(1, args.filters + 1))
     procs: list[ClientProc] = []
     try:
-        for em in emitters:
+        for em in emitters[:1] if mode == "unfiltered-100" else emitters:
             proc = ClientProc()
             procs.append(proc)
-            url = relay.url if mode == "unfiltered" else f"{relay.url}?machines=bench-{em}-m*"
+            url = f"{relay.url}?machines=bench-{em}-m*" if mode == "filtered" else relay.url
             proc.send({"cmd": "connect", "url": url, "n": args.clients // args.filters,
                        "probes": 0, "stall": False, "timeout": 120})
         replies = [p.recv(150) for p in procs]
@@ -70,8 +77,10 @@ def one_run(contender: str, mode: str, args: argparse.Namespace, workdir: str) -
             p.send({"cmd": "arm", "t0": t0, "t1": t1})
         for p in procs:
             p.recv(30)
-        emitting = spawn_emitters(relay.socket, emitters, args.rate / args.filters, start, t1,
-                                  (t0, t1), args.size)
+        rate_each = args.rate / args.filters
+        jitter = args.jitter if args.jitter >= 0 else 1 / rate_each
+        emitting = spawn_emitters(relay.socket, emitters, rate_each, start, t1, (t0, t1),
+                                  args.size, jitter)
         time.sleep(max(0.0, t0 - time.time()))
         m0, r0 = metrics(relay), sched_ns(relay.pid)
         time.sleep(max(0.0, t1 - time.time()))
@@ -113,18 +122,21 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
 def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"{args.clients} clients ({args.clients // args.filters} per filter, {args.filters} "
-        f"filters) at {args.rate:g} events/s of {args.size} bytes; window {args.duration:g} s "
+        f"filters) at {args.rate:g} events/s of {args.size} bytes, emitters "
+        f"{'aligned' if args.jitter == 0 else 'independent (jittered)'}; window {args.duration:g} s "
         f"after {args.warmup:g} s warm-up; medians of {args.repeats} interleaved rounds.",
         "",
         "| backend | mode | relay µs / delivery | deliveries in window | relay CPU % "
-        "| frames built / event | deliveries / event | ratio filtered/unfiltered |",
+        "| frames built / event | deliveries / event | filtered / this |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+    def of(contender: str, mode: str) -> list[dict[str, Any]]:
+        return [r for r in runs if r["contender"] == contender and r["mode"] == mode]
+
     for contender in BACKENDS:
-        base = med([r for r in runs if r["contender"] == contender and r["mode"] == "unfiltered"],
-                   "us_per_delivery")
+        filtered = med(of(contender, "filtered"), "us_per_delivery")
         for mode in MODES:
-            mine = [r for r in runs if r["contender"] == contender and r["mode"] == mode]
+            mine = of(contender, mode)
             if not mine:
                 continue
             us = med(mine, "us_per_delivery")
@@ -132,7 +144,7 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"| {contender} | {mode} | {us:.2f} | {med(mine, 'deliveries'):.0f} "
                 f"| {med(mine, 'relay_cpu_pct'):.1f} | {med(mine, 'frames_per_event'):.2f} "
                 f"| {med(mine, 'relayed_per_event'):.0f} "
-                f"| {'' if mode == 'unfiltered' else f'{us / base:.2f}'} |")
+                f"| {'' if mode == 'filtered' else f'{filtered / us:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -145,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=200)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--jitter", type=float, default=-1.0,
+                   help="each send's random delay within its emitter's period, s (default: the "
+                        "whole period, so emitters send independently, as a fleet's machines do; "
+                        "0 aligns them, and every emitter sends at the same instants)")
+    p.add_argument("--ping-interval", type=float, default=60.0,
+                   help="passed to every relay: long, so that no ping round (a write to every "
+                        "client and a pong from each) falls in the window of one mode and not "
+                        "another's")
+    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
@@ -153,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-subs-") as workdir:
         for round_no in range(args.repeats):
             for contender in backends:
-                for mode in MODES:
+                for mode in [m for m in args.modes.split(",") if m]:
                     run = one_run(contender, mode, args, workdir)
                     runs.append(run)
                     print(f"round {round_no + 1}: {contender} {mode}: "
