@@ -16,6 +16,12 @@ For each backend, side by side in one run, in interleaved rounds:
   takes long enough that the next events join the same write, so it makes
   fewer, larger writes per delivery, and a write (a loopback TCP send) costs
   far more than the bytes in it.
+- *filtered-one*: the filtered run's ten filters and 1,000 clients, but the
+  100 clients of one process on ``?machines=bench-*`` (every event) and the
+  others on filters that match nothing: the same filter work per event and
+  the same deliveries, written to the same 100 sockets every time. Against
+  *filtered*, whose consecutive events go to different groups of 100
+  sockets, it shows what that rotation costs.
 
 Per run: relay CPU (schedstat, all threads) over the window divided by the
 deliveries the clients counted in it (µs per delivery), and the growth of
@@ -48,7 +54,7 @@ from bench.common import sched_ns
 from bench.procs import ClientProc, Relay, spawn_emitters
 
 BACKENDS = ("fastrelay-cython", "fastrelay-python")
-MODES = ("unfiltered", "filtered", "unfiltered-100")
+MODES = ("unfiltered", "filtered", "unfiltered-100", "filtered-one")
 _SAMPLE = re.compile(rb"^(fastrelay_\w+) ([0-9.e+]+)$", re.MULTILINE)
 
 
@@ -66,7 +72,11 @@ def one_run(contender: str, mode: str, args: argparse.Namespace, workdir: str) -
         for em in emitters[:1] if mode == "unfiltered-100" else emitters:
             proc = ClientProc()
             procs.append(proc)
-            url = f"{relay.url}?machines=bench-{em}-m*" if mode == "filtered" else relay.url
+            url = {
+                "filtered": f"{relay.url}?machines=bench-{em}-m*",
+                "filtered-one": f"{relay.url}?machines="
+                                + ("bench-*" if em == emitters[0] else f"none-{em}-*"),
+            }.get(mode, relay.url)
             proc.send({"cmd": "connect", "url": url, "n": args.clients // args.filters,
                        "probes": 0, "stall": False, "timeout": 120})
         replies = [p.recv(150) for p in procs]
