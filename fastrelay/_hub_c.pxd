@@ -53,5 +53,7 @@ cdef class Hub:
     @cython.locals(n=Py_ssize_t, clients=set, framed=Py_ssize_t, nbytes=Py_ssize_t)
     cdef void _send(self, object shared) except *
 
+    cdef void _close_slow(self, list over) except *
+
     @cython.locals(n=Py_ssize_t, count=Py_ssize_t, members=set)
     cdef void _send_feeds(self, list frames, list keys) except *

@@ -202,9 +202,9 @@ class Hub:
         previous = None
         if type(machine_id) is str:
             previous = self.registry.update(machine_id, event)
-            self._keys.append((machine_id, kind))
         else:
-            self._keys.append((None, kind))
+            machine_id = None
+        self._keys.append((machine_id, kind))
         seq = self.seq + 1
         adds_previous = kind == "state_change" and "previous_state" not in event
         if "seq" in event:
@@ -288,6 +288,10 @@ class Hub:
             # Frames are counted as built, once for all the clients sharing them.
             self.frames_sent += framed
             self.bytes_sent += nbytes * n
+        self._close_slow(over)
+
+    def _close_slow(self, over: list[Client] | None) -> None:
+        """Close the clients a write would have put over their bound."""
         if over is not None:
             for client in over:
                 self.peers.close_slow(client)
@@ -310,9 +314,7 @@ class Hub:
             over = fan_out(data, members, enqueue)
             self.frames_sent += count
             self.bytes_sent += len(data) * n
-            if over is not None:
-                for client in over:
-                    self.peers.close_slow(client)
+            self._close_slow(over)
             self.relayed += count * len(members)
 
     def broadcast(self, payload: bytes) -> None:
@@ -329,11 +331,8 @@ class Hub:
                 self.frames_sent += 1  # built once, whoever shares it
             enqueue = self.peers.enqueue
             for feed in list(feeds.values()):
-                over = fan_out(data, feed.members, enqueue)
                 self.bytes_sent += len(data) * len(feed.members)
-                if over is not None:
-                    for client in over:
-                        self.peers.close_slow(client)
+                self._close_slow(fan_out(data, feed.members, enqueue))
 
     # -- clients -------------------------------------------------------------------
 
