@@ -5,7 +5,7 @@ For each backend, side by side in one run:
 - *replay*: 10,000 events (~200 bytes) in the history; one picows client
   connects with ``?epoch=E&since=0`` and reads until it has the last one. Wall
   time from the connect to the last event, median over ``--repeats``.
-- *memory*: two relays side by side, one with the default ``--history-bytes``
+- *memory*: two relays, one after the other in the same run: one with the default ``--history-bytes``
   (16 MiB; ``--history 100000`` so the bytes bound is the one that binds) and
   one with ``--history 0``, each fed the same 12,000 events of ~2 KiB. The
   base is the second one's RSS after the same load (its batch slots, output
