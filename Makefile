@@ -7,7 +7,8 @@ install:
 	$(PYTHON) -m pip install .
 
 # Installs everything the suite needs (the package built in place with its
-# Cython core, the test extra, Debian's Chromium for the browser tests), then
+# Cython core, the test extra, Debian's Chromium for the browser tests and
+# redis-server for the broker tests), then
 # runs the whole suite on both backends.
 test: test-deps
 	$(PYTHON) -m pytest
@@ -15,6 +16,7 @@ test: test-deps
 test-deps:
 	FASTRELAY_BUILD_EXTENSION=yes $(PYTHON) -m pip install -e '.[test]'
 	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-redis.sh
 	# ip and tc build the slow-link network namespace of tests/netns.py.
 	command -v tc >/dev/null && command -v ip >/dev/null || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2)

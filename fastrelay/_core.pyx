@@ -234,14 +234,22 @@ cdef class Batch:
         """Append slot ``i`` (a JSON object) as one text frame, with ``,"previous_state":<previous>``
         (when given) and ``,"seq":<seq>`` added at its end."""
         cdef char* slot = self._slot(i)
-        cdef Py_ssize_t end = self._sizes[i]
-        if end < 0:
+        if self._sizes[i] < 0:
             raise ValueError("slot holds a datagram larger than max_datagram")
-        while end > 0 and slot[end - 1] in b" \t\r\n":
+        self._splice(slot, self._sizes[i], seq, previous, "slot")
+
+    def splice(self, bytes data not None, unsigned long long seq, bytes previous=None):
+        """Append ``data`` (a JSON object, as a broker carried it) as one text frame, the
+        same way :meth:`frame` appends a slot: the same input makes the same bytes."""
+        self._splice(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), seq, previous, "data")
+
+    cdef void _splice(self, const char* source, Py_ssize_t end, unsigned long long seq,
+                      bytes previous, str what) except *:
+        while end > 0 and source[end - 1] in b" \t\r\n":
             end -= 1
         end -= 1  # the closing brace
-        if end < 0 or slot[end] != 125:  # '}'
-            raise ValueError("slot is not a JSON object")
+        if end < 0 or source[end] != 125:  # '}'
+            raise ValueError(f"{what} is not a JSON object")
         cdef unsigned char digits[20]
         cdef Py_ssize_t ndigits = 0
         while True:
@@ -255,7 +263,7 @@ cdef class Batch:
             plen += _PREV_KEY_LEN + PyBytes_GET_SIZE(previous)
         self._reserve(self.nbytes + plen + 10)
         self.nbytes += _header(<unsigned char*>self._out + self.nbytes, plen)
-        self._copy(slot, end)
+        self._copy(source, end)
         if previous is not None:
             self._copy(PyBytes_AS_STRING(_PREV_KEY), _PREV_KEY_LEN)
             self._copy(PyBytes_AS_STRING(previous), PyBytes_GET_SIZE(previous))

@@ -116,9 +116,19 @@ class Batch:
         (when given) and ``,"seq":<seq>`` added at its end."""
         if self.size(i) < 0:
             raise ValueError("slot holds a datagram larger than max_datagram")
-        raw = self.raw(i).rstrip(_WHITESPACE)
+        self._splice(self.raw(i), seq, previous, "slot")
+
+    def splice(self, data: bytes, seq: int, previous: bytes | None = None) -> None:
+        """Append ``data`` (a JSON object, as a broker carried it) as one text frame, the
+        same way :meth:`frame` appends a slot: the same input makes the same bytes."""
+        if type(data) is not bytes:
+            raise TypeError("data must be bytes")
+        self._splice(data, seq, previous, "data")
+
+    def _splice(self, source: bytes, seq: int, previous: bytes | None, what: str) -> None:
+        raw = source.rstrip(_WHITESPACE)
         if not raw.endswith(b"}"):
-            raise ValueError("slot is not a JSON object")
+            raise ValueError(f"{what} is not a JSON object")
         if previous is not None and type(previous) is not bytes:
             raise TypeError("previous must be bytes")
         if not 0 <= seq < 1 << 64:

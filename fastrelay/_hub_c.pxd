@@ -33,6 +33,7 @@ cdef class Hub:
     cdef int _fd
     cdef object _flush_handle
     cdef double _last_write
+    cdef public object outbox
 
     @cython.locals(before=Py_ssize_t, count=Py_ssize_t, got=Py_ssize_t, i=Py_ssize_t,
                    framed=Py_ssize_t)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "BATCH_BUCKETS",
+    "PUBLISH_BUCKETS",
+    "BrokerStats",
     "REJECT_REASONS",
     "RESUME_OUTCOMES",
     "CloseReason",
@@ -17,9 +19,10 @@ __all__ = [
     "frame_text",
 ]
 
-#: Why a datagram was dropped; /healthz and /metrics count each.
+#: Why a datagram was dropped; /healthz and /metrics count each. ``broker_unavailable``:
+#: accepted while the broker was down and its outbox full (DESIGN §9).
 REJECT_REASONS = ("invalid_utf8", "invalid_json", "not_object", "invalid_type", "too_large",
-                  "too_deep")
+                  "too_deep", "broker_unavailable")
 #: How a request to resume (``?epoch=E&since=S``) ended: honoured, or answered with
 #: a fresh ``initial`` because the epoch is not this stream's, or the history no
 #: longer (or never) held every event after ``since``, or the values were malformed.
@@ -38,6 +41,7 @@ class CloseReason(str, enum.Enum):
     PROTOCOL = "protocol"  # it broke RFC 6455 (1002, 1007, 1009)
     SHUTDOWN = "shutdown"  # the relay is stopping (1001)
     FILTER = "filter"  # its filter was malformed (1008) or one distinct filter too many (1013)
+    RESTARTED = "restarted"  # the stream began again mid-snapshot or mid-replay (1013)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,32 @@ class HubStats:
     #: Distinct filters clients subscribe with (DESIGN §8), and clients on one.
     filters: int
     filtered_clients: int
+
+
+#: Upper bounds (seconds) of the broker's publish round-trip histogram.
+PUBLISH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True)
+class BrokerStats:
+    """One reading of the broker's state (DESIGN §9), for /healthz and /metrics."""
+
+    url: str
+    stream: str
+    #: Both the publisher's and the reader's last round trip succeeded.
+    up: bool
+    outbox_events: int
+    outbox_bytes: int
+    #: Events this relay published, and stream entries it relayed (its own among them).
+    published: int
+    received: int
+    #: Connections lost and found again; and times the relay took up the stream anew.
+    reconnects: int
+    resyncs: int
+    #: Publish round trips by PUBLISH_BUCKETS (one more bucket is +Inf), their sum.
+    publish_histogram: tuple[int, ...]
+    publish_seconds: float
+    last_publish_seconds: float | None
 
 
 def frame_text(payload: bytes) -> bytes:

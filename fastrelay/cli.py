@@ -146,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-filters", type=_positive(int), default=defaults.max_filters,
                        help="distinct filters served at once; a client asking for one more is "
                             "closed with 1013 (default %(default)s)")
+    serve.add_argument("--broker", default=None, metavar="URL",
+                       help="share one stream with every relay on this Redis "
+                            "(redis://HOST:PORT/DB, rediss:// for TLS; needs fastrelay[redis])")
+    serve.add_argument("--broker-stream", default=defaults.broker_stream, metavar="NAME",
+                       help="the stream's name, the prefix of its Redis keys (default %(default)s)")
+    serve.add_argument("--broker-outbox", type=_positive(int), default=defaults.broker_outbox,
+                       help="events kept while Redis is unreachable; past it they are dropped "
+                            "(default %(default)s)")
+    serve.add_argument("--broker-outbox-bytes", type=_size, default=defaults.broker_outbox_bytes,
+                       help="and at most this many bytes of them (default 64MiB)")
     serve.add_argument("--hang-threshold", type=_positive(float), default=defaults.hang_threshold,
                        help="seconds of loop stall before the watchdog dumps stacks "
                             "(default %(default)s)")
@@ -243,7 +253,7 @@ async def _run_server(config: ServeConfig, loop_name: str) -> int:
     from ._backend import BackendUnavailable
     from .datagram import SocketUnavailable
     from .logs import LogDirUnavailable
-    from .server import RelayServer, StateDirUnavailable
+    from .server import BrokerUnavailable, RelayServer, StateDirUnavailable
 
     # Handlers go in before start(): a signal during start-up then stops the
     # relay cleanly instead of killing it with its socket file left behind.
@@ -255,7 +265,8 @@ async def _run_server(config: ServeConfig, loop_name: str) -> int:
     try:
         server = RelayServer(config)
         await server.start()
-    except (BackendUnavailable, SocketUnavailable, LogDirUnavailable, StateDirUnavailable) as exc:
+    except (BackendUnavailable, BrokerUnavailable, SocketUnavailable, LogDirUnavailable,
+            StateDirUnavailable) as exc:
         print(f"fastrelay serve: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -402,6 +402,28 @@ class Clients:
         self.members.add(client)
         return client
 
+    def restart_stream(self) -> None:
+        """The stream began again (DESIGN §9: the broker lost its data, or this relay took
+        up the broker's position): every client gets a fresh ``initial``.
+
+        A client still being sent a snapshot or a replay of the old stream cannot
+        be given one without cutting into it: it is closed with 1013 and reconnects.
+        """
+        self.firehose.forget_snapshot()
+        for feed in self.feeds.values():
+            feed.forget_snapshot()
+        # Each member gets the fresh snapshot now, so no refresh is owed any more.
+        self._refreshing = []
+        for client in list(self.members):
+            if client.snapshot is not None or any(type(item) is _Replay for item in client.queue):
+                self.close_client(client, TRY_AGAIN_LATER, b"stream restarted",
+                                  CloseReason.RESTARTED)
+                continue
+            feed = client.feed
+            self._queue_snapshot(client, feed.generation or self._build(feed), catchup=False)
+            if client.owed > self.max_client_buffer:
+                self.close_slow(client)
+
     def _feed(self, subscription: Subscription) -> Feed | None:
         """The feed of ``subscription``'s filter; None when it would be one too many
         (each distinct filter costs a buffer per batch, so their number is bounded)."""

@@ -36,6 +36,7 @@ MAX_SECONDS = 86400
 #: them the terminating NUL that C emitters write.
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 
+_STREAM_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|kib|kb|k|mib|mb|m|gib|gb|g)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
     None: 1, "b": 1,
@@ -145,6 +146,13 @@ class ServeConfig:
     #: Distinct filters served at once: each costs a buffer per batch, so a
     #: client asking for one more is closed with 1013.
     max_filters: int = 64
+    #: Several relays, one stream (DESIGN §9): the Redis every relay of the stream
+    #: shares (redis://, rediss:// or unix://), its keys' prefix, and the events
+    #: accepted while Redis is unreachable that wait (at most so many, so many bytes).
+    broker: str | None = None
+    broker_stream: str = "fastrelay"
+    broker_outbox: int = 100_000
+    broker_outbox_bytes: int = 64 * 1024 * 1024
 
     def validate(self) -> None:
         """Raise ValueError naming the first option whose value cannot work."""
@@ -175,6 +183,8 @@ class ServeConfig:
             raise ValueError("--history and --history-bytes must be 0 (no resume) or positive")
         if self.state_dir is not None and not self.state_dir:
             raise ValueError("--state-dir: the path must not be empty")
+        if self.broker is not None:
+            self._validate_broker()
         if self.backend not in ("auto", "cython", "python"):
             raise ValueError(f"--backend {self.backend!r}: use auto, cython or python")
         if not self.socket_path:
@@ -189,3 +199,18 @@ class ServeConfig:
                                 or (":" in bare and not _is_ipv6(bare.strip("[]")))):
                 raise ValueError(f"--allow-host {name!r}: give a host name without scheme or port, "
                                  "like relay.example.com or *.example.com")
+
+    def _validate_broker(self) -> None:
+        assert self.broker is not None
+        scheme, sep, rest = self.broker.partition("://")
+        if scheme not in ("redis", "rediss", "unix") or not sep or not rest:
+            raise ValueError(f"--broker {self.broker!r}: give a Redis URL, like "
+                             "redis://127.0.0.1:6379/0 (rediss:// for TLS)")
+        if not _STREAM_RE.fullmatch(self.broker_stream):
+            raise ValueError(f"--broker-stream {self.broker_stream!r}: 1 to 64 letters, digits, "
+                             "'.', '_' or '-'")
+        if self.broker_outbox <= 0 or self.broker_outbox_bytes <= 0:
+            raise ValueError("--broker-outbox and --broker-outbox-bytes must be positive")
+        if self.state_dir is not None:
+            raise ValueError("--state-dir and --broker cannot be combined: with a broker the "
+                             "registry and history live in Redis")

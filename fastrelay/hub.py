@@ -23,6 +23,11 @@ for relays that would rather spend less CPU than add no latency.
 Filtered clients (DESIGN §8) are served by feeds, one per distinct filter:
 each takes its events from the batch's frames once, joined into one buffer
 that all its clients share.
+
+With a broker (DESIGN §9) the socket's events are validated here and handed
+to its ``outbox``; what clients get is what the broker's stream carries, taken
+through :meth:`Hub.relay_entries`, so every relay frames the same bytes in the
+same order.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from .clients import JOIN_ALL, Client, Clients, JoinRequest
 from .feeds import EventKey, takes_frame
 from .history import History
 from .listener import Listener
+from .outbox import Outbox
 from .registry import Registry, nesting_depth
 from .subscription import Subscription
 
@@ -114,6 +120,8 @@ class Hub:
         self._fd = -1
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_write = 0.0
+        #: Where accepted events go when a broker orders the stream (None: framed here).
+        self.outbox: Outbox | None = None
         # Plain counters, read through stats() at scrape time.
         self.accepted = 0
         self.relayed = 0
@@ -150,7 +158,7 @@ class Hub:
         Returns the number of datagrams read, accepted or not.
         """
         batch = self._batch
-        before = batch.framed
+        before = self.accepted
         count = 0
         while count < self.batch_cap:
             got = batch.receive(self.batch_cap - count)
@@ -162,10 +170,11 @@ class Hub:
             # No early exit on a short read: the kernel queue holds only
             # max_dgram_qlen datagrams, so emitters refill it while we parse,
             # and reading on until it is empty is what makes batches large.
-        framed = batch.framed - before
-        if framed:
-            self.accepted += framed
-            self._schedule_write()
+        if self.accepted != before:
+            if self.outbox is None:
+                self._schedule_write()
+            else:
+                self.outbox.wake()
         return count
 
     def _take(self, batch: Batch, i: int) -> None:
@@ -198,6 +207,19 @@ class Hub:
         if batch.brackets(i) > max_depth and nesting_depth(event, max_depth) > max_depth:
             rejects["too_deep"] += 1
             return
+        self.accepted += 1
+        outbox = self.outbox
+        if outbox is not None:
+            if "seq" in event:
+                # The stream's seq replaces the emitter's, as below.
+                del event["seq"]
+                data = _dumps(event)
+            else:
+                data = batch.raw(i)
+            if not outbox.offer(event, data):
+                self.accepted -= 1
+                rejects["broker_unavailable"] += 1
+            return
         machine_id = event.get("machine_id")
         previous = None
         if type(machine_id) is str:
@@ -218,6 +240,49 @@ class Hub:
             # Splice into the emitter's own bytes rather than re-serialising.
             batch.frame(i, seq, _dumps(previous) if adds_previous else None)
         self.seq = seq
+
+    def relay_entries(self, entries: list[tuple[int, bytes, bytes | None]]) -> None:
+        """Take the next events of a broker's stream: each ``(seq, data, previous)``, the
+        event's bytes as accepted and, for a state change that needs one, its
+        ``previous_state`` as JSON (assigned where the order was)."""
+        batch = self._batch
+        registry = self.registry
+        keys = self._keys
+        for seq, data, previous in entries:
+            try:
+                event = _loads(data)
+            except _JSONDecodeError:
+                event = None
+            if type(event) is not dict:
+                # Not what a relay publishes: someone else wrote to the stream.
+                self.rejects["invalid_json"] += 1
+                self.seq = seq
+                continue
+            machine_id = event.get("machine_id")
+            if type(machine_id) is str:
+                registry.update(machine_id, event)
+            else:
+                machine_id = None
+            kind = event.get("type")
+            keys.append((machine_id, kind if type(kind) is str else ""))
+            batch.splice(data, seq, previous)
+            self.seq = seq
+        if batch.framed:
+            self._schedule_write()
+
+    def restart_stream(self, machines: list[dict[str, object]], epoch: str, seq: int,
+                       entries: list[tuple[int, bytes, bytes | None]]) -> None:
+        """Continue from another stream position (a broker's, at start, or after its data
+        was lost): its registry, and its last ``entries`` as the history, at ``epoch``/``seq``.
+        Every client then gets a fresh ``initial``."""
+        self.flush()
+        batch = self._batch
+        for entry_seq, data, previous in entries:
+            batch.splice(data, entry_seq, previous)
+        frames = batch.frames()
+        batch.clear()
+        self.restore(machines, epoch, seq, frames)
+        self.peers.restart_stream()
 
     def _schedule_write(self) -> None:
         if self.write_delay <= 0 or self._batch.framed >= self.batch_cap:

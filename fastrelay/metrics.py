@@ -6,7 +6,7 @@ the hub's integers into metric families only when /metrics is requested.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,7 +17,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from ._hubdefs import BATCH_BUCKETS, HubStats
+from ._hubdefs import BATCH_BUCKETS, PUBLISH_BUCKETS, BrokerStats
 from .watchdog import LoopMonitor
 
 if TYPE_CHECKING:
@@ -29,9 +29,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _HubCollector:
-    def __init__(self, hub: Hub, monitor: LoopMonitor) -> None:
+    def __init__(self, hub: Hub, monitor: LoopMonitor,
+                 broker_stats: Callable[[], BrokerStats] | None = None) -> None:
         self.hub = hub
         self.monitor = monitor
+        self.broker_stats = broker_stats
 
     def collect(self) -> Iterator[Metric]:
         stats = self.hub.stats()
@@ -61,7 +63,8 @@ class _HubCollector:
             value=stats.frames_sent)
         yield CounterMetricFamily(
             "fastrelay_bytes_sent", "Bytes written to clients.", value=stats.bytes_sent)
-        yield _batch_histogram(stats)
+        yield _histogram("fastrelay_batch_size", "Datagrams per drained batch.", BATCH_BUCKETS,
+                         stats.batch_histogram, stats.accepted)
         stream = GaugeMetricFamily(
             "fastrelay_stream_seq", "Seq of the newest accepted event, in the labelled epoch.",
             labels=["epoch"])
@@ -89,6 +92,35 @@ class _HubCollector:
         yield GaugeMetricFamily(
             "fastrelay_loop_lag_seconds", "How late the last loop-monitor tick ran.",
             value=self.monitor.last_lag)
+        if self.broker_stats is not None:
+            yield from _broker_metrics(self.broker_stats())
+
+
+def _broker_metrics(broker: BrokerStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "fastrelay_broker_up", "1 while Redis answers both the publisher and the reader.",
+        value=1 if broker.up else 0)
+    yield GaugeMetricFamily(
+        "fastrelay_broker_outbox_events", "Accepted events waiting to be published.",
+        value=broker.outbox_events)
+    yield GaugeMetricFamily(
+        "fastrelay_broker_outbox_bytes", "Bytes of the events waiting to be published.",
+        value=broker.outbox_bytes)
+    yield CounterMetricFamily(
+        "fastrelay_broker_events_published", "Events this relay published to the stream.",
+        value=broker.published)
+    yield CounterMetricFamily(
+        "fastrelay_broker_events_received", "Stream entries this relay relayed.",
+        value=broker.received)
+    yield CounterMetricFamily(
+        "fastrelay_broker_reconnects", "Times Redis came back after being unreachable.",
+        value=broker.reconnects)
+    yield CounterMetricFamily(
+        "fastrelay_broker_resyncs", "Times the relay took up the stream anew.",
+        value=broker.resyncs)
+    yield _histogram("fastrelay_broker_publish_seconds",
+                     "Round trips of publishing one batch to Redis.", PUBLISH_BUCKETS,
+                     broker.publish_histogram, broker.publish_seconds)
 
 
 def _counters(name: str, documentation: str, label: str,
@@ -100,26 +132,25 @@ def _counters(name: str, documentation: str, label: str,
     return family
 
 
-def _batch_histogram(stats: HubStats) -> HistogramMetricFamily:
-    counts = stats.batch_histogram
+def _histogram(name: str, documentation: str, bounds: tuple[float, ...],
+               counts: tuple[int, ...], sum_value: float) -> HistogramMetricFamily:
+    """A histogram family from per-bucket counts (one more than ``bounds``: +Inf)."""
     buckets = []
     running = 0
-    for bound, n in zip(BATCH_BUCKETS, counts, strict=False):
+    for bound, n in zip(bounds, counts, strict=False):
         running += n
         buckets.append((str(bound), running))
     buckets.append(("+Inf", running + counts[-1]))
-    return HistogramMetricFamily(
-        "fastrelay_batch_size", "Datagrams per drained batch.",
-        buckets=buckets, sum_value=stats.accepted,
-    )
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum_value)
 
 
 class MetricsExporter:
     """Renders /metrics for one hub."""
 
-    def __init__(self, hub: Hub, monitor: LoopMonitor) -> None:
+    def __init__(self, hub: Hub, monitor: LoopMonitor,
+                 broker_stats: Callable[[], BrokerStats] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_HubCollector(hub, monitor))
+        self.registry.register(_HubCollector(hub, monitor, broker_stats))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 import orjson
 from picows import WSListener, WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
+from ._hubdefs import BrokerStats
 from ._version import __version__
 from .access import AccessPolicy, split_target
 from .clients import JoinRequest
@@ -75,8 +76,11 @@ class Routes:
     """Answers every request on the relay's port."""
 
     def __init__(self, hub: Hub, config: ServeConfig, monitor: LoopMonitor,
-                 uptime: Callable[[], float]) -> None:
+                 uptime: Callable[[], float],
+                 broker_stats: Callable[[], BrokerStats] | None = None) -> None:
         self.hub = hub
+        #: The broker's state (DESIGN §9), None without --broker.
+        self.broker_stats = broker_stats
         self.config = config
         self.monitor = monitor
         self.uptime = uptime
@@ -183,12 +187,12 @@ class Routes:
         if self._metrics is None:  # prometheus_client is loaded on the first scrape
             from .metrics import MetricsExporter
 
-            self._metrics = MetricsExporter(self.hub, self.monitor)
+            self._metrics = MetricsExporter(self.hub, self.monitor, self.broker_stats)
         return self._metrics
 
     def health(self) -> dict[str, object]:
         stats = self.hub.stats()
-        return {
+        health: dict[str, object] = {
             "status": "ok",
             "backend": stats.backend,
             "version": __version__,
@@ -210,6 +214,20 @@ class Routes:
             "uptime_s": round(self.uptime(), 3),
             "ws_path": self.config.ws_path,
         }
+        if self.broker_stats is not None:
+            broker = self.broker_stats()
+            if not broker.up:
+                health["status"] = "degraded"
+            health["broker"] = "up" if broker.up else "down"
+            health["broker_stats"] = {
+                "url": broker.url, "stream": broker.stream,
+                "outbox_events": broker.outbox_events, "outbox_bytes": broker.outbox_bytes,
+                "published": broker.published, "received": broker.received,
+                "reconnects": broker.reconnects, "resyncs": broker.resyncs,
+                "publish_rtt_ms": None if broker.last_publish_seconds is None
+                else round(broker.last_publish_seconds * 1000, 3),
+            }
+        return health
 
     def static(self, name: str) -> Response | None:
         cached = self._static.get(name)

@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from picows import ws_create_server
 
@@ -21,7 +21,10 @@ from .routes import Routes
 from .state import StateDir
 from .watchdog import LoopMonitor, Watchdog
 
-__all__ = ["RelayServer", "StateDirUnavailable"]
+if TYPE_CHECKING:
+    from .broker import RedisBroker
+
+__all__ = ["BrokerUnavailable", "RelayServer", "StateDirUnavailable"]
 
 log = logging.getLogger("fastrelay")
 #: Below this, tell the operator the kernel will make emitters queue (DESIGN §4).
@@ -33,6 +36,10 @@ _READ_BUFFER = 2048
 
 class StateDirUnavailable(OSError):
     """--state-dir cannot be created or written."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """--broker was given but the Redis client is not installed."""
 
 
 class RelayServer:
@@ -66,7 +73,9 @@ class RelayServer:
             send_timeout=config.send_timeout,
         )
         self.heartbeat = Heartbeat(self.hub, self.monitor, config.heartbeat_interval)
-        self.routes = Routes(self.hub, config, self.monitor, lambda: self.uptime)
+        self.broker = self._make_broker(config) if config.broker else None
+        self.routes = Routes(self.hub, config, self.monitor, lambda: self.uptime,
+                             self.broker.stats if self.broker is not None else None)
         self._watchdog: Watchdog | None = None
         self._ws_server: asyncio.Server | None = None
         self._sock: socket.socket | None = None
@@ -75,6 +84,19 @@ class RelayServer:
         self.state = StateDir(config.state_dir) if config.state_dir else None
         self._saver: asyncio.Task[None] | None = None
         self._writing: asyncio.Future[bool] | None = None
+
+    def _make_broker(self, config: ServeConfig) -> RedisBroker:
+        assert config.broker is not None
+        try:
+            # Only here: without --broker, nothing of Redis is imported.
+            from .broker import RedisBroker
+        except ImportError as exc:
+            raise BrokerUnavailable(
+                f"--broker needs the Redis client ({exc}): pip install 'fastrelay[redis]'") from None
+        return RedisBroker(self.hub, config.broker, stream=config.broker_stream,
+                           outbox_events=config.broker_outbox,
+                           outbox_bytes=config.broker_outbox_bytes,
+                           history=config.history, max_machines=config.max_machines)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -91,6 +113,9 @@ class RelayServer:
         ensure_log_dir(config.log_dir)  # the watchdog writes its stack dumps there
         if self.state is not None:
             self._take_up_state(self.state)
+        if self.broker is not None:
+            # Before the first client: its snapshot is the stream's (when Redis answers).
+            await self.broker.start()
         self._sock = bind_datagram_socket(config.socket_path, config.socket_mode)
         self._sock_inode = socket_inode(config.socket_path)
         try:
@@ -120,6 +145,8 @@ class RelayServer:
                 self._ws_server.close()
                 self._ws_server = None
             self._close_socket()
+            if self.broker is not None:
+                await self.broker.stop(0)
             raise
         self._started_at = time.monotonic()
         self.hub.attach(self._sock, loop)
@@ -155,6 +182,10 @@ class RelayServer:
                 pass
         shutdown = self.hub.shutdown(grace)
         self._close_socket()
+        if self.broker is not None:
+            # What the socket accepted last still goes to the stream (clients
+            # are closing, so other relays' clients are the ones who get it).
+            await self.broker.stop(grace)
         await shutdown
         if self.state is not None:
             await self._save_clean(self.state)

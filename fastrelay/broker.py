@@ -1,0 +1,401 @@
+"""Several relays, one stream: the Redis broker (DESIGN §9).
+
+Every relay pointed at one Redis publishes what its socket accepts and relays
+what the stream carries, its own events included, so all of them deliver one
+order with one epoch and one seq sequence, assigned in Redis:
+
+- **Publishing.** The hub validates each datagram and puts it in the
+  :class:`~fastrelay.outbox.Outbox`. One task sends the outbox's oldest events
+  (up to ``PUBLISH_EVENTS``) to the ``PUBLISH`` script: one round trip assigns
+  their seqs, updates the shared registry (and the ``previous_state`` each
+  needs) and appends them to the capped stream. One batch is in flight at a
+  time, and what arrives meanwhile makes the next one, so batches grow with
+  the load. Events leave the outbox only once Redis answered; a batch resent
+  after a lost answer carries the same number, and the script skips it.
+- **Reading.** Another task pulls the stream with ``XREAD BLOCK`` on its own
+  connection, from the seq the hub has relayed. Pulling, never pushed to, a
+  relay cannot be dropped at Redis's output-buffer limit: Redis holds at most
+  one reply of ``READ_COUNT`` entries for it. Each entry is framed by the same
+  native splice as a local event, so every relay sends the same bytes.
+- **Taking up the stream.** At start, after a gap (the stream was trimmed past
+  this relay) or when the epoch changed, the ``SNAPSHOT`` script reads epoch,
+  seq and registry in one step, the history comes from the stream, and every
+  client gets a fresh ``initial``. An epoch always begins empty, so when a new
+  one began while this relay was cut off (Redis lost its data), it takes it up
+  from its first event instead and relays every event of it.
+- **Faults.** Any failure marks the broker down (/healthz says degraded) and
+  the task retries with capped, jittered backoff; clients stay connected and
+  the outbox keeps what is accepted meanwhile, up to its bounds.
+
+This module is imported only with ``--broker``: it is where redis-py loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ._hubdefs import PUBLISH_BUCKETS, BrokerStats
+from .history import new_epoch
+from .outbox import Outbox, OutboxEntry
+from .redis_scripts import PUBLISH, SNAPSHOT
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+__all__ = ["MIN_STREAM", "RedisBroker"]
+
+log = logging.getLogger("fastrelay")
+
+#: Events per publish round trip at most, and about this many bytes: the script
+#: runs this long inside Redis, where every other client waits for it.
+PUBLISH_EVENTS = 1024
+PUBLISH_BYTES = 4 * 1024 * 1024
+#: Stream entries per XREAD: the most Redis ever buffers for one relay's reader.
+READ_COUNT = 4096
+#: How long one XREAD waits for entries; after an empty one the epoch is checked.
+BLOCK_MS = 1000
+#: The stream keeps at least this many entries, even with --history 0: it is
+#: also how events reach the other relays, which must read them before they go.
+MIN_STREAM = 10_000
+#: Reconnect backoff: from BACKOFF_MIN, doubling, capped at BACKOFF_MAX, +-20% jitter.
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+#: A command that takes longer than this counts as a failure (Redis is down or stuck).
+COMMAND_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 1.0
+
+StreamEntry = tuple[int, bytes, bytes | None]
+#: Stream entries as redis-py parses them (RESP2, bytes, not decoded).
+RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
+_loads = orjson.loads
+
+
+def _backoff(delay: float) -> float:
+    return delay * random.uniform(0.8, 1.2)
+
+
+def _entry_seq(entry_id: bytes) -> int:
+    """The seq of a stream entry ID ``0-<seq>``."""
+    return int(entry_id.partition(b"-")[2])
+
+
+def _stream_entries(raw: RawEntries) -> list[StreamEntry]:
+    return [(_entry_seq(entry_id), fields[b"d"], fields.get(b"p")) for entry_id, fields in raw]
+
+
+def _machine(machine_id: bytes, record: bytes) -> dict[str, object] | None:
+    """A registry entry from its record in Redis (see redis_scripts); None when it is not one."""
+    parts = record.split(b"\n", 3)
+    if len(parts) != 4:
+        return None
+    current, previous, last_activity, data = parts
+    try:
+        return {"id": machine_id.decode(), "current_state": _loads(current),
+                "previous_state": _loads(previous), "last_activity": _loads(last_activity),
+                "data": _loads(data) if data else None}
+    except (orjson.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+class RedisBroker:
+    """The link of one relay's hub to the stream named ``stream`` in the Redis at ``url``."""
+
+    def __init__(self, hub: Hub, url: str, *, stream: str = "fastrelay",
+                 outbox_events: int = 100_000, outbox_bytes: int = 64 * 1024 * 1024,
+                 history: int = 10_000, max_machines: int = 100_000) -> None:
+        self.hub = hub
+        self.url = url
+        self.stream = stream
+        self.outbox = Outbox(outbox_events, outbox_bytes)
+        hub.outbox = self.outbox
+        self.history = history
+        self.max_machines = max_machines
+        self.stream_cap = max(history, MIN_STREAM)
+        tag = "{" + stream + "}"
+        self._epoch_key = f"{tag}:epoch"
+        self._seq_key = f"{tag}:seq"
+        self._registry_key = f"{tag}:registry"
+        self._active_key = f"{tag}:active"
+        self._stream_prefix = f"{tag}:stream:"
+        self._relay_id = secrets.token_hex(8)
+        self._done_key = f"{tag}:done:{self._relay_id}"
+        # Two connections: XREAD BLOCK holds its own while it waits.
+        self._publisher = self._connect(COMMAND_TIMEOUT)
+        self._reader = self._connect(COMMAND_TIMEOUT + BLOCK_MS / 1000)
+        self._publish = self._publisher.register_script(PUBLISH)
+        self._snapshot = self._reader.register_script(SNAPSHOT)
+        #: The epoch the publisher last saw Redis hold ("" before it knows).
+        self._epoch = ""
+        self._batch_no = 0
+        self._publish_ok = True
+        self._read_ok = False
+        self._took_up = False
+        self._down_since: float | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.published = 0
+        self.received = 0
+        self.reconnects = 0
+        self.resyncs = 0
+        self.publish_histogram = [0] * (len(PUBLISH_BUCKETS) + 1)
+        self.publish_seconds = 0.0
+        self.last_publish_seconds: float | None = None
+
+    def _connect(self, timeout: float) -> Redis:
+        # redis-py's own retries would hide an outage from us for their whole
+        # backoff; our tasks retry, and keep counting while they do.
+        return Redis.from_url(
+            self.url, socket_timeout=timeout, socket_connect_timeout=CONNECT_TIMEOUT,
+            retry=Retry(NoBackoff(), 0), single_connection_client=True, protocol=2,
+            health_check_interval=0)
+
+    @property
+    def up(self) -> bool:
+        return self._read_ok and self._publish_ok
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take up the stream's registry and history once if Redis answers (at most
+        about CONNECT_TIMEOUT), then run the publisher and the reader."""
+        try:
+            await asyncio.wait_for(self._take_up(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
+            self._read_ok = True
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            self._went_down("reader", exc)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_forever()),
+                       loop.create_task(self._publish_forever())]
+
+    async def stop(self, grace: float) -> None:
+        """Publish what the outbox holds (for up to ``grace`` seconds), then disconnect."""
+        if not self._tasks:
+            return
+        reader, publisher = self._tasks
+        reader.cancel()
+        outbox = self.outbox
+        deadline = time.monotonic() + grace
+        while len(outbox) and self._publish_ok and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        publisher.cancel()
+        await asyncio.gather(reader, publisher, return_exceptions=True)
+        self._tasks = []
+        if len(outbox):
+            log.warning("broker: %d accepted event(s) not published before stopping", len(outbox))
+        for client in (self._publisher, self._reader):
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+
+    def _went_down(self, who: str, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("broker %s: Redis unreachable (%s: %s); relaying resumes when it is back",
+                        self.url, who, exc or type(exc).__name__)
+
+    def _came_back(self) -> None:
+        if self._down_since is not None and self.up:
+            log.info("broker %s: Redis back after %.1f s", self.url,
+                     time.monotonic() - self._down_since)
+            self._down_since = None
+            self.reconnects += 1
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[bool]], who: str) -> None:
+        """Run ``attempt`` forever; after a failure (False or an error) wait, with backoff."""
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                ok = await attempt()
+            except (RedisError, OSError) as exc:
+                if who == "reader":
+                    self._read_ok = False
+                else:
+                    self._publish_ok = False
+                self._went_down(who, exc)
+                ok = False
+            if ok:
+                delay = BACKOFF_MIN
+                continue
+            await asyncio.sleep(_backoff(delay))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def _publish_forever(self) -> None:
+        pending = 0  # events of a batch sent but not answered: it goes again as it was
+        outbox = self.outbox
+
+        async def attempt() -> bool:
+            nonlocal pending
+            await outbox.ready.wait()
+            if not pending:
+                self._batch_no += 1
+            entries = outbox.peek(pending or PUBLISH_EVENTS, PUBLISH_BYTES if not pending else 1 << 62)
+            pending = len(entries)
+            started = time.monotonic()
+            epoch, last = await self._run_publish(entries)
+            self._record_rtt(time.monotonic() - started)
+            if last == -1:  # another epoch than we believed: nothing applied, send again
+                self._epoch = epoch
+                return True
+            outbox.pop(pending)
+            if last != -2:
+                self.published += pending
+            pending = 0
+            self._epoch = epoch
+            self._publish_ok = True
+            self._came_back()
+            return True
+
+        await self._retrying(attempt, "publisher")
+
+    async def _run_publish(self, entries: list[OutboxEntry]) -> tuple[str, int]:
+        args: list[Any] = [new_epoch(), self._epoch, self._batch_no, self.stream_cap,
+                           self.max_machines, len(entries)]
+        for entry in entries:
+            args.extend(entry)
+        keys = [self._epoch_key, self._seq_key, self._stream_prefix + (self._epoch or "-"),
+                self._registry_key, self._active_key, self._done_key]
+        epoch, last = await self._publish(keys=keys, args=args)
+        return epoch.decode(), int(last)
+
+    def _record_rtt(self, seconds: float) -> None:
+        self.last_publish_seconds = seconds
+        self.publish_seconds += seconds
+        hist = self.publish_histogram
+        for index, bound in enumerate(PUBLISH_BUCKETS):
+            if seconds <= bound:
+                hist[index] += 1
+                return
+        hist[-1] += 1
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        hub = self.hub
+        reader = self._reader
+        synced = self._read_ok
+
+        async def attempt() -> bool:
+            nonlocal synced
+            if not synced:
+                await self._sync()
+                synced = True
+                self._read_ok = True
+                self._came_back()
+            synced = False  # until this read succeeds
+            epoch = hub.history.epoch
+            reply = await reader.xread({self._stream_prefix + epoch: f"0-{hub.seq}"},
+                                       count=READ_COUNT, block=BLOCK_MS)
+            if reply:
+                streams = cast("list[tuple[bytes, RawEntries]]", reply)
+                synced = await self._deliver(_stream_entries(streams[0][1]))
+            else:
+                # Quiet for a while, or writing to another epoch's stream now.
+                current = cast("bytes | None", await reader.get(self._epoch_key))
+                synced = current is not None and current.decode() == epoch
+            return True
+
+        await self._retrying(attempt, "reader")
+
+    async def _deliver(self, entries: list[StreamEntry]) -> bool:
+        """Relay the next entries; False when one is missing (the stream was trimmed
+        past this relay), after taking the stream up again."""
+        hub = self.hub
+        expected = hub.seq + 1
+        count = 0
+        for seq, _, _ in entries:
+            if seq != expected:
+                break
+            expected += 1
+            count += 1
+        if count:
+            hub.relay_entries(entries if count == len(entries) else entries[:count])
+            self.received += count
+        if count < len(entries):
+            log.warning("broker: events %d to %d left the stream before this relay read them; "
+                        "taking the stream up anew", hub.seq + 1, entries[count][0] - 1)
+            await self._take_up()
+        return True
+
+    async def _sync(self) -> None:
+        """After connecting: go on from where the hub is, or take the stream up anew."""
+        hub = self.hub
+        epoch, seq = await self._position()
+        if epoch == hub.history.epoch and seq >= hub.seq:
+            return
+        if epoch != hub.history.epoch and self._took_up:
+            first = cast(RawEntries, await self._reader.xrange(self._stream_prefix + epoch, count=1))
+            if (not first and seq == 0) or (first and _entry_seq(first[0][0]) == 1):
+                # A new epoch began while we were cut off, and it begins empty:
+                # relay it from its first event, so clients miss none of it.
+                hub.restart_stream([], epoch, 0, [])
+                self.resyncs += 1
+                return
+        await self._take_up()
+
+    async def _position(self) -> tuple[str, int]:
+        reply = await self._snapshot(keys=[self._epoch_key, self._seq_key, self._registry_key,
+                                           self._active_key], args=[new_epoch(), "0"])
+        return reply[0].decode(), int(reply[1])
+
+    async def _take_up(self) -> None:
+        """Registry, position and history from Redis; every client gets a fresh ``initial``."""
+        reply = await self._snapshot(keys=[self._epoch_key, self._seq_key, self._registry_key,
+                                           self._active_key], args=[new_epoch(), "1"])
+        epoch, seq = reply[0].decode(), int(reply[1])
+        machines = []
+        for k in range(2, len(reply) - 1, 2):
+            machine = _machine(reply[k], reply[k + 1])
+            if machine is not None:
+                machines.append(machine)
+        entries: list[StreamEntry] = []
+        if self.history > 0 and seq > 0:
+            raw = cast(RawEntries, await self._reader.xrevrange(
+                self._stream_prefix + epoch, max=f"0-{seq}", count=self.history))
+            entries = _stream_entries(raw[::-1])
+            # Only an unbroken run that ends at seq can be replayed.
+            expected = seq - len(entries) + 1
+            start = 0
+            for index, (entry_seq, _, _) in enumerate(entries):
+                if entry_seq != expected + index:
+                    start = index + 1
+            entries = entries[start:]
+        self.hub.restart_stream(machines, epoch, seq, entries)
+        self._took_up = True
+        self.resyncs += 1
+
+    # -- reading out -------------------------------------------------------------------
+
+    def stats(self) -> BrokerStats:
+        return BrokerStats(
+            url=_redact(self.url), stream=self.stream, up=self.up,
+            outbox_events=len(self.outbox), outbox_bytes=self.outbox.nbytes,
+            published=self.published, received=self.received,
+            reconnects=self.reconnects, resyncs=self.resyncs,
+            publish_histogram=tuple(self.publish_histogram),
+            publish_seconds=self.publish_seconds,
+            last_publish_seconds=self.last_publish_seconds,
+        )
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for /healthz."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"
