@@ -60,10 +60,10 @@ class _Reader(WSListener):  # type: ignore[misc]
 
 
 class Relay:
-    def __init__(self, backend: str, workdir: str, *extra: str) -> None:
+    def __init__(self, backend: str, workdir: str, *extra: str, cpus: str = RELAY_CPUS) -> None:
         self.socket_path = os.path.join(workdir, f"{backend}.sock")
         self.proc = subprocess.Popen(
-            pinned(RELAY_CPUS, [sys.executable, "-m", "fastrelay", "serve", "--port", "0",
+            pinned(cpus, [sys.executable, "-m", "fastrelay", "serve", "--port", "0",
                                 "--socket", self.socket_path, "--log-dir",
                                 os.path.join(workdir, "logs"), "--backend", backend, *extra]),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

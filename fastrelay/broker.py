@@ -59,14 +59,16 @@ __all__ = ["MIN_STREAM", "RedisBroker"]
 log = logging.getLogger("fastrelay")
 
 #: Events per publish round trip at most, and about this many bytes: the script
-#: runs this long inside Redis, where every other client waits for it.
+#: runs this long inside Redis, where every other client waits for it (and it
+#: unpacks two values per machine onto Lua's stack, which holds 8,000).
 PUBLISH_EVENTS = 1024
 PUBLISH_BYTES = 4 * 1024 * 1024
-#: Stream entries per XREAD: the most Redis ever buffers for one relay's reader.
-READ_COUNT = 4096
+#: Stream entries (batches) per XREAD: the most Redis ever buffers for one
+#: relay's reader is this many batches of at most PUBLISH_BYTES.
+READ_COUNT = 8
 #: How long one XREAD waits for entries; after an empty one the epoch is checked.
 BLOCK_MS = 1000
-#: The stream keeps at least this many entries, even with --history 0: it is
+#: The stream keeps at least this many events, even with --history 0: it is
 #: also how events reach the other relays, which must read them before they go.
 MIN_STREAM = 10_000
 #: Reconnect backoff: from BACKOFF_MIN, doubling, capped at BACKOFF_MAX, +-20% jitter.
@@ -87,12 +89,38 @@ def _backoff(delay: float) -> float:
 
 
 def _entry_seq(entry_id: bytes) -> int:
-    """The seq of a stream entry ID ``0-<seq>``."""
+    """The seq of the last event of a stream entry, from its ID ``0-<seq>``."""
     return int(entry_id.partition(b"-")[2])
 
 
 def _stream_entries(raw: RawEntries) -> list[StreamEntry]:
-    return [(_entry_seq(entry_id), fields[b"d"], fields.get(b"p")) for entry_id, fields in raw]
+    """Each event of the stream entries ``raw``, in order: ``(seq, bytes, previous)``.
+
+    An entry no relay wrote (see redis_scripts) is left out with a warning; the
+    gap it leaves makes the reader take the stream up anew.
+    """
+    events: list[StreamEntry] = []
+    for entry_id, fields in raw:
+        try:
+            last = _entry_seq(entry_id)
+            blob = fields[b"d"]
+            lengths = fields[b"l"].split(b",")
+            previous = fields[b"p"].split(b"\n")
+            n = int(fields[b"n"])
+            if len(lengths) != n or len(previous) != n or sum(map(int, lengths)) != len(blob):
+                raise ValueError("its fields disagree")
+        except (KeyError, ValueError) as exc:
+            log.warning("broker: stream entry %r is not one a relay wrote (%s); skipped",
+                        entry_id, exc)
+            continue
+        offset = 0
+        seq = last - n
+        for size, before in zip(lengths, previous, strict=True):
+            seq += 1
+            end = offset + int(size)
+            events.append((seq, blob[offset:end], before or None))
+            offset = end
+    return events
 
 
 def _machine(machine_id: bytes, record: bytes) -> dict[str, object] | None:
@@ -100,12 +128,13 @@ def _machine(machine_id: bytes, record: bytes) -> dict[str, object] | None:
     parts = record.split(b"\n", 3)
     if len(parts) != 4:
         return None
-    current, previous, last_activity, data = parts
+    current, previous, last_activity, event = parts
     try:
+        data = _loads(event).get("data") if event else None
         return {"id": machine_id.decode(), "current_state": _loads(current),
                 "previous_state": _loads(previous), "last_activity": _loads(last_activity),
-                "data": _loads(data) if data else None}
-    except (orjson.JSONDecodeError, UnicodeDecodeError):
+                "data": data}
+    except (orjson.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return None
 
 
@@ -114,15 +143,15 @@ class RedisBroker:
 
     def __init__(self, hub: Hub, url: str, *, stream: str = "fastrelay",
                  outbox_events: int = 100_000, outbox_bytes: int = 64 * 1024 * 1024,
-                 history: int = 10_000, max_machines: int = 100_000) -> None:
+                 max_machines: int = 100_000) -> None:
         self.hub = hub
         self.url = url
         self.stream = stream
         self.outbox = Outbox(outbox_events, outbox_bytes)
         hub.outbox = self.outbox
-        self.history = history
         self.max_machines = max_machines
-        self.stream_cap = max(history, MIN_STREAM)
+        #: The stream holds about this many events: what --history replays, at least.
+        self.stream_cap = max(hub.history.max_events, MIN_STREAM)
         tag = "{" + stream + "}"
         self._epoch_key = f"{tag}:epoch"
         self._seq_key = f"{tag}:seq"
@@ -263,9 +292,10 @@ class RedisBroker:
 
     async def _run_publish(self, entries: list[OutboxEntry]) -> tuple[str, int]:
         args: list[Any] = [new_epoch(), self._epoch, self._batch_no, self.stream_cap,
-                           self.max_machines, len(entries)]
-        for entry in entries:
-            args.extend(entry)
+                           self.max_machines, len(entries),
+                           b"".join([entry[5] for entry in entries])]
+        for machine_id, state, given, activity, flags, data in entries:
+            args += (machine_id, state, given, activity, flags, len(data))
         keys = [self._epoch_key, self._seq_key, self._stream_prefix + (self._epoch or "-"),
                 self._registry_key, self._active_key, self._done_key]
         epoch, last = await self._publish(keys=keys, args=args)
@@ -337,8 +367,9 @@ class RedisBroker:
         if epoch == hub.history.epoch and seq >= hub.seq:
             return
         if epoch != hub.history.epoch and self._took_up:
-            first = cast(RawEntries, await self._reader.xrange(self._stream_prefix + epoch, count=1))
-            if (not first and seq == 0) or (first and _entry_seq(first[0][0]) == 1):
+            first = _stream_entries(cast(RawEntries, await self._reader.xrange(
+                self._stream_prefix + epoch, count=1)))
+            if (not first and seq == 0) or (first and first[0][0] == 1):
                 # A new epoch began while we were cut off, and it begins empty:
                 # relay it from its first event, so clients miss none of it.
                 hub.restart_stream([], epoch, 0, [])
@@ -361,21 +392,39 @@ class RedisBroker:
             machine = _machine(reply[k], reply[k + 1])
             if machine is not None:
                 machines.append(machine)
-        entries: list[StreamEntry] = []
-        if self.history > 0 and seq > 0:
-            raw = cast(RawEntries, await self._reader.xrevrange(
-                self._stream_prefix + epoch, max=f"0-{seq}", count=self.history))
-            entries = _stream_entries(raw[::-1])
-            # Only an unbroken run that ends at seq can be replayed.
-            expected = seq - len(entries) + 1
-            start = 0
-            for index, (entry_seq, _, _) in enumerate(entries):
-                if entry_seq != expected + index:
-                    start = index + 1
-            entries = entries[start:]
+        entries = await self._recent(epoch, seq)
         self.hub.restart_stream(machines, epoch, seq, entries)
         self._took_up = True
         self.resyncs += 1
+
+    async def _recent(self, epoch: str, seq: int) -> list[StreamEntry]:
+        """The stream's events up to ``seq``, as many as the history holds (newest first,
+        a few entries at a time, so a stream of large events is not read whole)."""
+        history = self.hub.history
+        if not history.enabled or seq <= 0:
+            return []
+        oldest = max(seq - history.max_events + 1, 1)
+        pages: list[list[StreamEntry]] = []
+        held = size = 0
+        upper = f"0-{seq}"
+        while held < history.max_events and size < history.max_bytes:
+            raw = cast(RawEntries, await self._reader.xrevrange(
+                self._stream_prefix + epoch, max=upper, min=f"0-{oldest}", count=8))
+            if not raw:
+                break
+            page = _stream_entries(raw[::-1])
+            pages.append(page)
+            held += len(page)
+            size += sum(len(data) for _, data, _ in page)
+            upper = "(" + raw[-1][0].decode()
+        events = [event for page in reversed(pages) for event in page if event[0] >= oldest]
+        # Only an unbroken run that ends at seq can be replayed.
+        if not events or events[-1][0] != seq:
+            return []
+        start = len(events) - 1
+        while start > 0 and events[start - 1][0] == events[start][0] - 1:
+            start -= 1
+        return events[start:]
 
     # -- reading out -------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import orjson
 
+from ._trim import trimmed
 from .config import default_socket_path
 
 __all__ = [
@@ -267,7 +268,7 @@ class Emitter:
             if len(backlog) >= self.backlog_limit:
                 self.dropped["backlog_full"] += 1
                 return False
-        backlog.append((now, payload))
+        backlog.append((now, trimmed(payload)))
         if self._flusher is None or not self._flusher.is_alive():
             flusher = threading.Thread(target=self._flush_loop, name="fastrelay-emit-flusher", daemon=True)
             try:

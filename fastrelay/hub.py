@@ -49,6 +49,7 @@ from ._hubdefs import (
     classify_undecodable,
     frame_payload,
 )
+from ._trim import trimmed
 from .clients import JOIN_ALL, Client, Clients, JoinRequest
 from .feeds import EventKey, takes_frame
 from .history import History
@@ -211,9 +212,10 @@ class Hub:
         outbox = self.outbox
         if outbox is not None:
             if "seq" in event:
-                # The stream's seq replaces the emitter's, as below.
+                # The stream's seq replaces the emitter's, as below (trimmed:
+                # the outbox keeps it; see _trim).
                 del event["seq"]
-                data = _dumps(event)
+                data = trimmed(_dumps(event))
             else:
                 data = batch.raw(i)
             if not outbox.offer(event, data):

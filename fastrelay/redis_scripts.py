@@ -4,13 +4,17 @@ Every key of one stream shares the hash tag ``{NAME}`` (``--broker-stream``), so
 the scripts also run on one Redis Cluster node. The keys:
 
 - ``{NAME}:epoch``: the stream's epoch; ``{NAME}:seq``: the last seq assigned;
-- ``{NAME}:stream:<epoch>``: the capped stream, one entry per event with the ID
-  ``0-<seq>``, so that resuming is ``XRANGE (0-S +``; fields ``d`` (the event's
-  bytes as accepted) and ``p`` (its ``previous_state`` as JSON, when the relay
-  must splice one in);
-- ``{NAME}:registry``: machine id -> its entry as four JSON texts joined by
-  newlines (current state, previous state, last activity, data; data empty
-  when never given), which no JSON text contains unescaped;
+- ``{NAME}:stream:<epoch>``: the capped stream, one entry per published batch
+  with the ID ``0-<seq of its last event>``, so that the entries after seq S
+  are ``XREAD ... 0-S`` and resuming costs no index. Fields: ``n`` (events),
+  ``d`` (their bytes as accepted, end to end), ``l`` (their lengths, comma
+  separated) and ``p`` (per event, the ``previous_state`` to splice in as JSON,
+  or nothing; newline separated: no JSON text holds a raw newline). One entry
+  per batch is one XADD and one reply per batch, not per event. It is trimmed
+  by MINID to about its last ``cap`` events;
+- ``{NAME}:registry``: machine id -> current state, previous state and last
+  activity as JSON, then the bytes of its last event that carried ``data``
+  (empty if none), newline separated (the event last: it may hold newlines);
 - ``{NAME}:active``: machine id scored by the seq of its last event, so the
   least recently active is evicted first, as in the relay's own registry;
 - ``{NAME}:done:<relay>``: the last batch a relay published, so a batch resent
@@ -37,9 +41,10 @@ end
 
 #: KEYS: epoch, seq, stream (of the epoch the relay believes in), registry, active, done.
 #: ARGV: a fresh epoch (used if none exists), the believed epoch, the batch number,
-#: the stream's cap, --max-machines, the event count, then 7 fields per event
-#: (outbox.OutboxEntry). Returns {epoch, last seq}; last seq -1 when the believed
-#: epoch is not the stream's (nothing applied), -2 when the batch was applied before.
+#: the stream's cap in events, --max-machines, the event count, the events' bytes
+#: end to end, then 6 fields per event (outbox.OutboxEntry, its bytes replaced by
+#: their length). Returns {epoch, last seq}; last seq -1 when the believed epoch
+#: is not the stream's (nothing applied), -2 when the batch was applied before.
 PUBLISH = ("local REGISTRY, ACTIVE = KEYS[4], KEYS[5]" + _NEW_EPOCH + """
 if epoch ~= ARGV[2] then
   return {epoch, -1}
@@ -52,39 +57,77 @@ end
 local n = tonumber(ARGV[6])
 local last = redis.call('INCRBY', KEYS[2], n)
 local seq = last - n
-local stream, maxlen = KEYS[3], ARGV[4]
-local call, find, sub, format = redis.call, string.find, string.sub, string.format
-for b = 7, 6 + 7 * n, 7 do
+local blob = ARGV[7]
+local call, find, sub, concat = redis.call, string.find, string.sub, table.concat
+-- Each machine is read once and written once per batch, however many of its
+-- events the batch holds: {current, prior, activity, data, data offset, length, seq}.
+local machines, order = {}, {}
+local lengths, previous = {}, {}
+local offset = 0
+for b = 8, 7 + 6 * n, 6 do
   seq = seq + 1
-  local flags = ARGV[b + 5]
-  local previous = 'null'
+  local flags, size = ARGV[b + 4], ARGV[b + 5]
+  local before = ''
   if sub(flags, 1, 1) == '1' then
     local id = ARGV[b]
-    local current, prior, data = 'null', 'null', ''
-    local record = call('HGET', REGISTRY, id)
-    if record then
-      local i = find(record, '\\n', 1, true)
-      local j = find(record, '\\n', i + 1, true)
-      local k = find(record, '\\n', j + 1, true)
-      current, prior, data = sub(record, 1, i - 1), sub(record, i + 1, j - 1), sub(record, k + 1)
+    local m = machines[id]
+    if not m then
+      m = {'null', 'null', 'null', ''}
+      local record = call('HGET', REGISTRY, id)
+      if record then
+        local i = find(record, '\\n', 1, true)
+        local j = find(record, '\\n', i + 1, true)
+        local k = find(record, '\\n', j + 1, true)
+        m[1], m[2], m[3], m[4] = sub(record, 1, i - 1), sub(record, i + 1, j - 1),
+                                 sub(record, j + 1, k - 1), sub(record, k + 1)
+      end
+      machines[id] = m
+      order[#order + 1] = id
     end
-    previous = current
+    before = m[1]
     local state = ARGV[b + 1]
     if state ~= '' then
       -- registry.Registry.update: the emitter's previous_state if it gave one.
-      if ARGV[b + 2] ~= '' then prior = ARGV[b + 2] else prior = current end
-      current = state
+      if ARGV[b + 2] ~= '' then m[2] = ARGV[b + 2] else m[2] = m[1] end
+      m[1] = state
     end
-    if ARGV[b + 4] ~= '' then data = ARGV[b + 4] end
-    call('HSET', REGISTRY, id, current .. '\\n' .. prior .. '\\n' .. ARGV[b + 3] .. '\\n' .. data)
-    call('ZADD', ACTIVE, seq, id)
+    m[3] = ARGV[b + 3]
+    if sub(flags, 3, 3) == '1' then
+      m[4], m[5], m[6] = nil, offset, tonumber(size)
+    end
+    m[7] = seq
+  elseif sub(flags, 2, 2) == '1' then
+    before = 'null'
   end
-  local id = format('0-%d', seq)
   if sub(flags, 2, 2) == '1' then
-    call('XADD', stream, 'MAXLEN', '~', maxlen, id, 'd', ARGV[b + 6], 'p', previous)
+    previous[#previous + 1] = before
   else
-    call('XADD', stream, 'MAXLEN', '~', maxlen, id, 'd', ARGV[b + 6])
+    previous[#previous + 1] = ''
   end
+  lengths[#lengths + 1] = size
+  offset = offset + tonumber(size)
+end
+if #order > 0 then
+  local hset, zadd = {}, {}
+  for _, id in ipairs(order) do
+    local m = machines[id]
+    local data = m[4] or sub(blob, m[5] + 1, m[5] + m[6])
+    hset[#hset + 1] = id
+    hset[#hset + 1] = m[1] .. '\\n' .. m[2] .. '\\n' .. m[3] .. '\\n' .. data
+    zadd[#zadd + 1] = m[7]
+    zadd[#zadd + 1] = id
+  end
+  call('HSET', REGISTRY, unpack(hset))
+  call('ZADD', ACTIVE, unpack(zadd))
+end
+local entry = string.format('0-%d', last)
+local keep = last - tonumber(ARGV[4])
+if keep > 0 then
+  call('XADD', KEYS[3], 'MINID', '~', string.format('0-%d', keep), entry,
+       'n', n, 'd', blob, 'l', concat(lengths, ','), 'p', concat(previous, '\\n'))
+else
+  call('XADD', KEYS[3], entry, 'n', n, 'd', blob, 'l', concat(lengths, ','),
+       'p', concat(previous, '\\n'))
 end
 local excess = call('ZCARD', ACTIVE) - tonumber(ARGV[5])
 if excess > 0 then
