@@ -219,18 +219,19 @@ def latency(backend: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def cpu(backend: str, rate: float, seconds: float) -> dict[str, Any]:
+def cpu(backend: str, rate: float, seconds: float, write_delay: float) -> dict[str, Any]:
+    delay = ("--write-delay", str(write_delay))
     with tempfile.TemporaryDirectory(prefix="fr-broker-") as workdir:
         redis = Redis(workdir)
         relays: list[Relay] = []
         try:
-            single = _relay(backend, workdir, "single")
+            single = _relay(backend, workdir, "single", *delay)
             relays.append(single)
             alone = _cpu_run([single], single, rate, seconds)[0]
             single.stop()
             relays.clear()
-            a = _relay(backend, workdir, "a", "--broker", redis.url)
-            b = _relay(backend, workdir, "b", "--broker", redis.url)
+            a = _relay(backend, workdir, "a", "--broker", redis.url, *delay)
+            b = _relay(backend, workdir, "b", "--broker", redis.url, *delay)
             relays.extend([a, b])
             relay_a, relay_b, in_redis = _cpu_run([a, b], a, rate, seconds, redis.proc.pid)
         finally:
@@ -260,15 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--cpu-rate", type=float, default=20_000)
+    parser.add_argument("--write-delay", type=float, default=0.002,
+                        help="the second CPU measurement's --write-delay, for all its relays")
     parser.add_argument("--backends", default="cython,python")
     args = parser.parse_args(argv)
     results: dict[str, dict[str, Any]] = {}
     for backend in args.backends.split(","):
-        runs: dict[str, list[dict[str, Any]]] = {"throughput": [], "latency": [], "cpu": []}
+        runs: dict[str, list[dict[str, Any]]] = {"throughput": [], "latency": [], "cpu": [],
+                                                 "cpu_delay": []}
         for _ in range(args.repeats):
             runs["throughput"].append(throughput(backend, args.seconds))
             runs["latency"].append(latency(backend, args.latency_seconds))
-            runs["cpu"].append(cpu(backend, args.cpu_rate, args.seconds))
+            runs["cpu"].append(cpu(backend, args.cpu_rate, args.seconds, 0.0))
+            runs["cpu_delay"].append(cpu(backend, args.cpu_rate, args.seconds, args.write_delay))
         results[backend] = {
             kind: {key: statistics.median(run[key] for run in kinds)
                    for key in kinds[0] if isinstance(kinds[0][key], (int, float))}
@@ -276,17 +281,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         results[backend]["runs"] = runs  # type: ignore[assignment]
     print("| backend | stream ev/s (2 relays) | p50 single / broker (µs) | "
-          "p99 single / broker (µs) | p99 added (ms) | CPU µs/event single | "
-          "broker A / B / Redis |")
-    print("|---|---|---|---|---|---|---|")
+          "p99 single / broker (µs) | p99 added (ms) | CPU µs/event: single | "
+          "broker A / B / Redis | with --write-delay: single | broker A / B / Redis |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for backend, r in results.items():
-        t, lat, c = r["throughput"], r["latency"], r["cpu"]
+        t, lat, c, d = r["throughput"], r["latency"], r["cpu"], r["cpu_delay"]
         print(f"| {backend} | {t['events_per_s']:,.0f} | {lat['single_p50_us']:.0f} / "
               f"{lat['broker_p50_us']:.0f} | {lat['single_p99_us']:.0f} / "
               f"{lat['broker_p99_us']:.0f} | "
               f"{(lat['broker_p99_us'] - lat['single_p99_us']) / 1000:.2f} | "
               f"{c['single_us']:.2f} | {c['broker_a_us']:.2f} / {c['broker_b_us']:.2f} / "
-              f"{c['redis_us']:.2f} |")
+              f"{c['redis_us']:.2f} | {d['single_us']:.2f} | {d['broker_a_us']:.2f} / "
+              f"{d['broker_b_us']:.2f} / {d['redis_us']:.2f} |")
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -78,7 +78,9 @@ BACKOFF_MAX = 2.0
 COMMAND_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 1.0
 
-StreamEntry = tuple[int, bytes, bytes | None]
+#: One event of the stream: seq, its bytes, the previous_state to splice in (JSON),
+#: the time its publishing relay gave it when it carried no timestamp.
+StreamEntry = tuple[int, bytes, bytes | None, float | None]
 #: Stream entries as redis-py parses them (RESP2, bytes, not decoded).
 RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
 _loads = orjson.loads
@@ -106,8 +108,10 @@ def _stream_entries(raw: RawEntries) -> list[StreamEntry]:
             blob = fields[b"d"]
             lengths = fields[b"l"].split(b",")
             previous = fields[b"p"].split(b"\n")
+            stamps = fields[b"a"].split(b",")
             n = int(fields[b"n"])
-            if len(lengths) != n or len(previous) != n or sum(map(int, lengths)) != len(blob):
+            if (len(lengths) != n or len(previous) != n or len(stamps) != n
+                    or sum(map(int, lengths)) != len(blob)):
                 raise ValueError("its fields disagree")
         except (KeyError, ValueError) as exc:
             log.warning("broker: stream entry %r is not one a relay wrote (%s); skipped",
@@ -115,10 +119,10 @@ def _stream_entries(raw: RawEntries) -> list[StreamEntry]:
             continue
         offset = 0
         seq = last - n
-        for size, before in zip(lengths, previous, strict=True):
+        for size, before, stamp in zip(lengths, previous, stamps, strict=True):
             seq += 1
             end = offset + int(size)
-            events.append((seq, blob[offset:end], before or None))
+            events.append((seq, blob[offset:end], before or None, float(stamp) if stamp else None))
             offset = end
     return events
 
@@ -143,13 +147,15 @@ class RedisBroker:
 
     def __init__(self, hub: Hub, url: str, *, stream: str = "fastrelay",
                  outbox_events: int = 100_000, outbox_bytes: int = 64 * 1024 * 1024,
-                 max_machines: int = 100_000) -> None:
+                 max_machines: int = 100_000, write_delay: float = 0.0) -> None:
         self.hub = hub
         self.url = url
         self.stream = stream
         self.outbox = Outbox(outbox_events, outbox_bytes)
         hub.outbox = self.outbox
         self.max_machines = max_machines
+        #: --write-delay: events within this long of the previous publish share the next.
+        self.write_delay = write_delay
         #: The stream holds about this many events: what --history replays, at least.
         self.stream_cap = max(hub.history.max_events, MIN_STREAM)
         tag = "{" + stream + "}"
@@ -265,15 +271,21 @@ class RedisBroker:
     async def _publish_forever(self) -> None:
         pending = 0  # events of a batch sent but not answered: it goes again as it was
         outbox = self.outbox
+        last_sent = 0.0
 
         async def attempt() -> bool:
-            nonlocal pending
+            nonlocal pending, last_sent
             await outbox.ready.wait()
+            # --write-delay, as for the clients' writes: what comes within it of
+            # the previous publish joins the next one; after a quiet spell, at once.
+            wait = last_sent + self.write_delay - time.monotonic()
+            if wait > 0 and not pending and len(outbox) < PUBLISH_EVENTS:
+                await asyncio.sleep(wait)
             if not pending:
                 self._batch_no += 1
             entries = outbox.peek(pending or PUBLISH_EVENTS, PUBLISH_BYTES if not pending else 1 << 62)
             pending = len(entries)
-            started = time.monotonic()
+            started = last_sent = time.monotonic()
             epoch, last = await self._run_publish(entries)
             self._record_rtt(time.monotonic() - started)
             if last == -1:  # another epoch than we believed: nothing applied, send again
@@ -346,7 +358,7 @@ class RedisBroker:
         hub = self.hub
         expected = hub.seq + 1
         count = 0
-        for seq, _, _ in entries:
+        for seq, _, _, _ in entries:
             if seq != expected:
                 break
             expected += 1
@@ -415,7 +427,7 @@ class RedisBroker:
             page = _stream_entries(raw[::-1])
             pages.append(page)
             held += len(page)
-            size += sum(len(data) for _, data, _ in page)
+            size += sum(len(data) for _, data, _, _ in page)
             upper = "(" + raw[-1][0].decode()
         events = [event for page in reversed(pages) for event in page if event[0] >= oldest]
         # Only an unbroken run that ends at seq can be replayed.

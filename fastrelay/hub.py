@@ -243,14 +243,15 @@ class Hub:
             batch.frame(i, seq, _dumps(previous) if adds_previous else None)
         self.seq = seq
 
-    def relay_entries(self, entries: list[tuple[int, bytes, bytes | None]]) -> None:
-        """Take the next events of a broker's stream: each ``(seq, data, previous)``, the
-        event's bytes as accepted and, for a state change that needs one, its
-        ``previous_state`` as JSON (assigned where the order was)."""
+    def relay_entries(self, entries: list[tuple[int, bytes, bytes | None, float | None]]) -> None:
+        """Take the next events of a broker's stream: each ``(seq, data, previous, at)``,
+        the event's bytes as accepted, for a state change that needs one its
+        ``previous_state`` as JSON (assigned where the order was), and for an event
+        without a timestamp the time the relay that accepted it gave it."""
         batch = self._batch
         registry = self.registry
         keys = self._keys
-        for seq, data, previous in entries:
+        for seq, data, previous, at in entries:
             try:
                 event = _loads(data)
             except _JSONDecodeError:
@@ -262,7 +263,7 @@ class Hub:
                 continue
             machine_id = event.get("machine_id")
             if type(machine_id) is str:
-                registry.update(machine_id, event)
+                registry.update(machine_id, event, at)
             else:
                 machine_id = None
             kind = event.get("type")
@@ -273,13 +274,13 @@ class Hub:
             self._schedule_write()
 
     def restart_stream(self, machines: list[dict[str, object]], epoch: str, seq: int,
-                       entries: list[tuple[int, bytes, bytes | None]]) -> None:
+                       entries: list[tuple[int, bytes, bytes | None, float | None]]) -> None:
         """Continue from another stream position (a broker's, at start, or after its data
         was lost): its registry, and its last ``entries`` as the history, at ``epoch``/``seq``.
         Every client then gets a fresh ``initial``."""
         self.flush()
         batch = self._batch
-        for entry_seq, data, previous in entries:
+        for entry_seq, data, previous, _ in entries:
             batch.splice(data, entry_seq, previous)
         frames = batch.frames()
         batch.clear()

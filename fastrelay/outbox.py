@@ -25,9 +25,9 @@ from ._trim import trimmed
 __all__ = ["ENTRY_OVERHEAD", "Outbox", "OutboxEntry"]
 
 #: One event as the publish script takes it: machine id, state, the previous
-#: state the emitter gave, timestamp (each as JSON, b"" when absent), three
-#: flags (has a machine id, needs ``previous_state`` spliced, carries ``data``),
-#: and the event's bytes.
+#: state the emitter gave, timestamp (each as JSON, b"" when absent), four
+#: flags (has a machine id, needs ``previous_state`` spliced, carries ``data``,
+#: its timestamp is the relay's), and the event's bytes.
 OutboxEntry = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
 #: What an entry costs beyond its bytes: the tuples, the bytes objects' headers,
 #: the deque's slot (measured: ~630 bytes of RSS per ~250-byte event).
@@ -35,7 +35,7 @@ ENTRY_OVERHEAD = 384
 
 _dumps = orjson.dumps
 _time = time.time
-_FLAGS = tuple(f"{k >> 2}{(k >> 1) & 1}{k & 1}".encode() for k in range(8))
+_FLAGS = tuple(f"{k:04b}".encode() for k in range(16))
 
 
 class Outbox:
@@ -72,12 +72,14 @@ class Outbox:
         # The registry's rule (registry.Registry.update), decided once, here, so
         # that every relay and Redis record the same last_activity. repr() of
         # a finite float (the only kind orjson parses) is JSON.
-        ts_json = repr(ts if type(ts) is float or type(ts) is int else _time()).encode()
+        stamped = type(ts) is not float and type(ts) is not int
+        ts_json = repr(_time() if stamped else ts).encode()
         needs_previous = event.get("type") == "state_change" and "previous_state" not in event
         entry: OutboxEntry = (
             machine_id.encode() if has_machine else b"",  # type: ignore[union-attr]
             state_json, given_json, ts_json,
-            _FLAGS[4 * has_machine + 2 * needs_previous + ("data" in event)], data,
+            _FLAGS[8 * has_machine + 4 * needs_previous + 2 * ("data" in event) + stamped],
+            data,
         )
         size = (len(entry[0]) + len(state_json) + len(given_json) + len(ts_json) + len(data)
                 + ENTRY_OVERHEAD)

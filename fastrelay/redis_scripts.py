@@ -8,8 +8,11 @@ the scripts also run on one Redis Cluster node. The keys:
   with the ID ``0-<seq of its last event>``, so that the entries after seq S
   are ``XREAD ... 0-S`` and resuming costs no index. Fields: ``n`` (events),
   ``d`` (their bytes as accepted, end to end), ``l`` (their lengths, comma
-  separated) and ``p`` (per event, the ``previous_state`` to splice in as JSON,
-  or nothing; newline separated: no JSON text holds a raw newline). One entry
+  separated), ``p`` (per event, the ``previous_state`` to splice in as JSON,
+  or nothing; newline separated: no JSON text holds a raw newline) and ``a``
+  (per event, the time the publishing relay gave an event without a
+  ``timestamp`` of its own, or nothing; comma separated), so every relay's
+  registry records the same ``last_activity``. One entry
   per batch is one XADD and one reply per batch, not per event. It is trimmed
   by MINID to about its last ``cap`` events;
 - ``{NAME}:registry``: machine id -> current state, previous state and last
@@ -62,7 +65,7 @@ local call, find, sub, concat = redis.call, string.find, string.sub, table.conca
 -- Each machine is read once and written once per batch, however many of its
 -- events the batch holds: {current, prior, activity, data, data offset, length, seq}.
 local machines, order = {}, {}
-local lengths, previous = {}, {}
+local lengths, previous, stamps = {}, {}, {}
 local offset = 0
 for b = 8, 7 + 6 * n, 6 do
   seq = seq + 1
@@ -104,6 +107,11 @@ for b = 8, 7 + 6 * n, 6 do
   else
     previous[#previous + 1] = ''
   end
+  if sub(flags, 4, 4) == '1' then
+    stamps[#stamps + 1] = ARGV[b + 3]
+  else
+    stamps[#stamps + 1] = ''
+  end
   lengths[#lengths + 1] = size
   offset = offset + tonumber(size)
 end
@@ -121,13 +129,13 @@ if #order > 0 then
   call('ZADD', ACTIVE, unpack(zadd))
 end
 local entry = string.format('0-%d', last)
+local fields = {'n', n, 'd', blob, 'l', concat(lengths, ','), 'p', concat(previous, '\\n'),
+                'a', concat(stamps, ',')}
 local keep = last - tonumber(ARGV[4])
 if keep > 0 then
-  call('XADD', KEYS[3], 'MINID', '~', string.format('0-%d', keep), entry,
-       'n', n, 'd', blob, 'l', concat(lengths, ','), 'p', concat(previous, '\\n'))
+  call('XADD', KEYS[3], 'MINID', '~', string.format('0-%d', keep), entry, unpack(fields))
 else
-  call('XADD', KEYS[3], entry, 'n', n, 'd', blob, 'l', concat(lengths, ','),
-       'p', concat(previous, '\\n'))
+  call('XADD', KEYS[3], entry, unpack(fields))
 end
 local excess = call('ZCARD', ACTIVE) - tonumber(ARGV[5])
 if excess > 0 then

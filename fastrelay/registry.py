@@ -58,8 +58,11 @@ class Registry:
     def __len__(self) -> int:
         return len(self.machines)
 
-    def update(self, machine_id: str, event: dict[str, Any]) -> str | None:
-        """Apply ``event`` to its machine's entry; returns the state the machine had before."""
+    def update(self, machine_id: str, event: dict[str, Any], at: float | None = None) -> str | None:
+        """Apply ``event`` to its machine's entry; returns the state the machine had before.
+
+        An event without a numeric ``timestamp`` was active ``at`` (now, when None).
+        """
         machines = self.machines
         entry = machines.get(machine_id)
         if entry is None:
@@ -77,7 +80,9 @@ class Registry:
             machines.move_to_end(machine_id)
         previous: str | None = entry["current_state"]
         ts = event.get("timestamp")
-        entry["last_activity"] = ts if type(ts) is float or type(ts) is int else _time()
+        if type(ts) is not float and type(ts) is not int:
+            ts = _time() if at is None else at
+        entry["last_activity"] = ts
         state = event.get("state")
         if type(state) is str:
             given = event.get("previous_state", previous)

@@ -96,7 +96,7 @@ class RelayServer:
         return RedisBroker(self.hub, config.broker, stream=config.broker_stream,
                            outbox_events=config.broker_outbox,
                            outbox_bytes=config.broker_outbox_bytes,
-                           max_machines=config.max_machines)
+                           max_machines=config.max_machines, write_delay=config.write_delay)
 
     # -- lifecycle ---------------------------------------------------------------
 
