@@ -71,6 +71,10 @@ BLOCK_MS = 1000
 #: The stream keeps at least this many events, even with --history 0: it is
 #: also how events reach the other relays, which must read them before they go.
 MIN_STREAM = 10_000
+#: How long a client resuming from a position this relay has not relayed yet
+#: waits for it before it gets ``initial`` (the relays of a stream lag each other
+#: by about a round trip to Redis; more when one is overloaded).
+RESUME_AHEAD = 2.0
 #: Reconnect backoff: from BACKOFF_MIN, doubling, capped at BACKOFF_MAX, +-20% jitter.
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
@@ -153,6 +157,8 @@ class RedisBroker:
         self.stream = stream
         self.outbox = Outbox(outbox_events, outbox_bytes)
         hub.outbox = self.outbox
+        # A position read on another relay may be ahead of this one for a moment.
+        hub.peers.resume_ahead = RESUME_AHEAD
         self.max_machines = max_machines
         #: --write-delay: events within this long of the previous publish share the next.
         self.write_delay = write_delay
@@ -171,8 +177,10 @@ class RedisBroker:
         self._reader = self._connect(COMMAND_TIMEOUT + BLOCK_MS / 1000)
         self._publish = self._publisher.register_script(PUBLISH)
         self._snapshot = self._reader.register_script(SNAPSHOT)
-        #: The epoch the publisher last saw Redis hold ("" before it knows).
+        #: The epoch the publisher last saw Redis hold ("" before it knows), and
+        #: the last seq it was answered with.
         self._epoch = ""
+        self._published_to = ("", 0)
         self._batch_no = 0
         self._publish_ok = True
         self._read_ok = False
@@ -304,14 +312,23 @@ class RedisBroker:
 
     async def _run_publish(self, entries: list[OutboxEntry]) -> tuple[str, int]:
         args: list[Any] = [new_epoch(), self._epoch, self._batch_no, self.stream_cap,
-                           self.max_machines, len(entries),
+                           self.max_machines, len(entries), self._seen(self._epoch),
                            b"".join([entry[5] for entry in entries])]
         for machine_id, state, given, activity, flags, data in entries:
             args += (machine_id, state, given, activity, flags, len(data))
         keys = [self._epoch_key, self._seq_key, self._stream_prefix + (self._epoch or "-"),
                 self._registry_key, self._active_key, self._done_key]
         epoch, last = await self._publish(keys=keys, args=args)
-        return epoch.decode(), int(last)
+        epoch, last = epoch.decode(), int(last)
+        if last > 0:
+            self._published_to = (epoch, last)
+        return epoch, last
+
+    def _seen(self, epoch: str) -> int:
+        """The last seq of ``epoch`` this relay knows to exist (relayed or published)."""
+        seen = self.hub.seq if self.hub.history.epoch == epoch else 0
+        published_epoch, published_last = self._published_to
+        return max(seen, published_last) if published_epoch == epoch else seen
 
     def _record_rtt(self, seconds: float) -> None:
         self.last_publish_seconds = seconds
@@ -390,14 +407,20 @@ class RedisBroker:
         await self._take_up()
 
     async def _position(self) -> tuple[str, int]:
-        reply = await self._snapshot(keys=[self._epoch_key, self._seq_key, self._registry_key,
-                                           self._active_key], args=[new_epoch(), "0"])
+        reply = await self._run_snapshot(with_registry=False)
         return reply[0].decode(), int(reply[1])
+
+    async def _run_snapshot(self, *, with_registry: bool) -> list[bytes]:
+        epoch = self.hub.history.epoch
+        reply = await self._snapshot(
+            keys=[self._epoch_key, self._seq_key, self._registry_key, self._active_key,
+                  self._stream_prefix + epoch],
+            args=[new_epoch(), "1" if with_registry else "0", epoch, self._seen(epoch)])
+        return cast("list[bytes]", reply)
 
     async def _take_up(self) -> None:
         """Registry, position and history from Redis; every client gets a fresh ``initial``."""
-        reply = await self._snapshot(keys=[self._epoch_key, self._seq_key, self._registry_key,
-                                           self._active_key], args=[new_epoch(), "1"])
+        reply = await self._run_snapshot(with_registry=True)
         epoch, seq = reply[0].decode(), int(reply[1])
         machines = []
         for k in range(2, len(reply) - 1, 2):

@@ -300,6 +300,12 @@ class Clients:
         # Clients waiting for a fresh snapshot, and the timer that looks again.
         self._refreshing: list[Client] = []
         self._refresh_handle: asyncio.TimerHandle | None = None
+        #: With a broker (DESIGN §9), how long a client resuming from a position this
+        #: relay has not relayed yet waits for it (0: such a position gets ``initial``).
+        self.resume_ahead = 0.0
+        # Those clients, with their (epoch, since) and until when they wait.
+        self._ahead: dict[Client, tuple[tuple[str, str], float]] = {}
+        self._ahead_handle: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self.members)
@@ -396,11 +402,56 @@ class Clients:
                                   CloseReason.FILTER)
                 return client
             client.feed = feed
-        if join.resume is None or not self._resume(client, *join.resume):
+        if join.resume is not None and self._waits_for_position(client, join.resume):
+            return client
+        self._join(client, join.resume)
+        return client
+
+    def _join(self, client: Client, resume: tuple[str, str] | None) -> None:
+        if resume is None or not self._resume(client, *resume):
             self._send_joining_snapshot(client)
         client.feed.members.add(client)
         self.members.add(client)
-        return client
+
+    def _waits_for_position(self, client: Client, resume: tuple[str, str]) -> bool:
+        """With a broker, a position read on another relay can be ahead of this one by
+        the propagation delay: hold the client (not yet a member) until this relay has
+        relayed that far, for at most ``resume_ahead`` seconds, then resume it. True
+        when it waits."""
+        parsed = parse_resume(*resume)
+        history = self.history
+        if (self.resume_ahead <= 0 or parsed is None or parsed[0] != history.epoch
+                or parsed[1] <= history.last_seq or not history.enabled):
+            return False
+        self._ahead[client] = (resume, _monotonic() + self.resume_ahead)
+        if self._ahead_handle is None:
+            self._ahead_handle = asyncio.get_running_loop().call_later(
+                self.resume_ahead, self._ahead_timer)
+        return True
+
+    def serve_waiting(self) -> None:
+        """Join the clients waiting for a position the relay has now relayed (or that
+        waited long enough: they get ``initial``, as any position past the last)."""
+        if not self._ahead:
+            return
+        now = _monotonic()
+        last = self.history.last_seq
+        for client, (resume, deadline) in list(self._ahead.items()):
+            parsed = parse_resume(*resume)
+            if parsed is not None and parsed[1] > last and now < deadline:
+                continue
+            del self._ahead[client]
+            if client.close_reason is None:
+                self._join(client, resume)
+
+    def _ahead_timer(self) -> None:
+        self._ahead_handle = None
+        self._flush()  # joining, as always, after everything accepted went out
+        self.serve_waiting()
+        if self._ahead:
+            wait = min(deadline for _, deadline in self._ahead.values()) - _monotonic()
+            self._ahead_handle = asyncio.get_running_loop().call_later(
+                max(wait, 0.001), self._ahead_timer)
 
     def restart_stream(self) -> None:
         """The stream began again (DESIGN §9: the broker lost its data, or this relay took
@@ -505,6 +556,7 @@ class Clients:
 
     def remove_client(self, client: Client) -> None:
         """Forget a disconnected client and count why it went."""
+        self._ahead.pop(client, None)
         self._leave(client)
         self.stalled.discard(client)
         _drop_queue(client)
@@ -687,8 +739,9 @@ class Clients:
     async def close_everyone(self, code: int, reason: bytes, why: CloseReason,
                              grace: float) -> None:
         """Close every member with ``code``; abort whoever has not read it within ``grace`` s."""
-        for client in list(self.members):
+        for client in [*self.members, *self._ahead]:
             self.close_client(client, code, reason, why)
+        self._ahead.clear()
         deadline = _monotonic() + grace
         while self.stalled and _monotonic() < deadline:
             await asyncio.sleep(0.01)

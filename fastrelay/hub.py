@@ -332,6 +332,8 @@ class Hub:
         self.relayed += framed * len(self.firehose)
         if feeds and frames is not None:
             self._send_feeds(frames, keys)
+        # Clients resuming from a position this relay has just reached join now.
+        self.peers.serve_waiting()
 
     def _record_batch(self, n: int) -> None:
         self.batches += 1

@@ -23,8 +23,11 @@ the scripts also run on one Redis Cluster node. The keys:
 - ``{NAME}:done:<relay>``: the last batch a relay published, so a batch resent
   after a lost reply is not applied twice.
 
-Whenever a script finds no epoch, Redis lost the stream (or never had it): it
-starts a new epoch from seq 0 with an empty registry. An epoch therefore always
+Whenever a script finds no epoch, Redis lost the stream (or never had it); when
+it finds fewer events of the relay's epoch than the relay already has, Redis
+came back from an older copy of it (a snapshot or AOF that lost the last
+writes). Either way it starts a new epoch from seq 0 with an empty registry:
+a seq never names two events. An epoch therefore always
 begins empty, which is what lets a relay that missed the change replay it from
 its first event.
 """
@@ -33,22 +36,31 @@ from __future__ import annotations
 
 __all__ = ["PUBLISH", "SNAPSHOT"]
 
+#: Both scripts begin here; they name REGISTRY, ACTIVE, STREAM (of the epoch the
+#: relay believes in), BELIEVED (that epoch) and SEEN (the last seq the relay has
+#: of it) first.
 _NEW_EPOCH = """
 local epoch = redis.call('GET', KEYS[1])
-if not epoch then
+if not epoch or (epoch == BELIEVED and tonumber(redis.call('GET', KEYS[2]) or '0') < SEEN) then
+  -- No stream (the first start, or Redis lost its data), or a shorter one than
+  -- a relay already has (Redis came back from an older copy of it): going on
+  -- would give seqs a second meaning. A new epoch begins, empty.
   epoch = ARGV[1]
-  redis.call('DEL', KEYS[2], REGISTRY, ACTIVE)
+  redis.call('DEL', KEYS[2], REGISTRY, ACTIVE, STREAM)
   redis.call('SET', KEYS[1], epoch)
 end
 """
 
 #: KEYS: epoch, seq, stream (of the epoch the relay believes in), registry, active, done.
-#: ARGV: a fresh epoch (used if none exists), the believed epoch, the batch number,
-#: the stream's cap in events, --max-machines, the event count, the events' bytes
-#: end to end, then 6 fields per event (outbox.OutboxEntry, its bytes replaced by
-#: their length). Returns {epoch, last seq}; last seq -1 when the believed epoch
-#: is not the stream's (nothing applied), -2 when the batch was applied before.
-PUBLISH = ("local REGISTRY, ACTIVE = KEYS[4], KEYS[5]" + _NEW_EPOCH + """
+#: ARGV: a fresh epoch (for a new one), the believed epoch, the batch number, the
+#: stream's cap in events, --max-machines, the event count, the last seq the relay
+#: has of the believed epoch, the events' bytes end to end, then 6 fields per event
+#: (outbox.OutboxEntry, its bytes replaced by their length). Returns {epoch, last
+#: seq}; last seq -1 when the believed epoch is not the stream's (nothing applied),
+#: -2 when the batch was applied before.
+PUBLISH = ("""
+local REGISTRY, ACTIVE, STREAM = KEYS[4], KEYS[5], KEYS[3]
+local BELIEVED, SEEN = ARGV[2], tonumber(ARGV[7])""" + _NEW_EPOCH + """
 if epoch ~= ARGV[2] then
   return {epoch, -1}
 end
@@ -60,14 +72,14 @@ end
 local n = tonumber(ARGV[6])
 local last = redis.call('INCRBY', KEYS[2], n)
 local seq = last - n
-local blob = ARGV[7]
+local blob = ARGV[8]
 local call, find, sub, concat = redis.call, string.find, string.sub, table.concat
 -- Each machine is read once and written once per batch, however many of its
 -- events the batch holds: {current, prior, activity, data, data offset, length, seq}.
 local machines, order = {}, {}
 local lengths, previous, stamps = {}, {}, {}
 local offset = 0
-for b = 8, 7 + 6 * n, 6 do
+for b = 9, 8 + 6 * n, 6 do
   seq = seq + 1
   local flags, size = ARGV[b + 4], ARGV[b + 5]
   local before = ''
@@ -148,11 +160,13 @@ call('SET', KEYS[6], batch, 'EX', 86400)
 return {epoch, last}
 """)
 
-#: KEYS: epoch, seq, registry, active. ARGV: a fresh epoch (used if none exists),
-#: "1" to include the registry. Returns {epoch, seq, id, record, id, record, ...}
-#: in one step, so the registry is exactly the one at that seq; least recently
-#: active first.
-SNAPSHOT = ("local REGISTRY, ACTIVE = KEYS[3], KEYS[4]" + _NEW_EPOCH + """
+#: KEYS: epoch, seq, registry, active, stream (of the believed epoch). ARGV: a fresh
+#: epoch (for a new one), "1" to include the registry, the believed epoch, the last
+#: seq the relay has of it. Returns {epoch, seq, id, record, id, record, ...} in one
+#: step, so the registry is exactly the one at that seq; least recently active first.
+SNAPSHOT = ("""
+local REGISTRY, ACTIVE, STREAM = KEYS[3], KEYS[4], KEYS[5]
+local BELIEVED, SEEN = ARGV[3], tonumber(ARGV[4])""" + _NEW_EPOCH + """
 local out = {epoch, tonumber(redis.call('GET', KEYS[2]) or '0')}
 if ARGV[2] ~= '1' then
   return out

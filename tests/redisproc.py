@@ -63,16 +63,18 @@ class RedisServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Run it, empty, and return once it answers PING."""
+    def start(self, timeout: float = 10.0, *, keep_data: bool = False) -> RedisServer:
+        """Run it, empty (or with what :meth:`save` wrote last, ``keep_data``), and return
+        once it answers PING."""
         binary = _binary()
         assert not self.running, "redis-server is already running"
         # Only a first start may move: a restart must come back on the port the relays know.
         may_move = self._chosen and self.starts == 0
         for _attempt in range(3):
-            self.starts += 1
-            data_dir = self.workdir / f"data{self.starts}"  # fresh: nothing to load
-            data_dir.mkdir()
+            if not (keep_data and self.starts):
+                self.starts += 1
+            data_dir = self.workdir / f"data{self.starts}"  # fresh unless keep_data
+            data_dir.mkdir(exist_ok=keep_data)
             self.log_path = self.workdir / f"redis{self.starts}.log"
             args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--dir", str(data_dir), "--daemonize", "no"]
@@ -104,10 +106,18 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
-    def restart(self, timeout: float = 10.0) -> RedisServer:
-        """Kill it if it runs, then start it again, empty, on the same port."""
+    def restart(self, timeout: float = 10.0, *, keep_data: bool = False) -> RedisServer:
+        """Kill it if it runs, then start it again on the same port: empty, or from the
+        last :meth:`save` (``keep_data``: what a Redis with persistence does after a
+        crash, having lost whatever came after its last snapshot)."""
         self.kill()
-        return self.start(timeout)
+        return self.start(timeout, keep_data=keep_data)
+
+    def save(self) -> None:
+        """Write a snapshot of the data now (SAVE), which a ``keep_data`` restart loads."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"SAVE\r\n")
+            assert sock.recv(64).startswith(b"+OK")
 
     def stop(self) -> None:
         """Stop it if it runs; never raises for one already gone."""

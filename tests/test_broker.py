@@ -245,13 +245,12 @@ async def test_a_position_read_on_one_relay_resumes_on_another(relay_factory, re
     assert b.health()["resumes"]["resumed"] == 1
 
 
-async def test_a_position_a_lagging_relay_has_not_reached_gets_a_fresh_initial_never_a_gap(
+async def test_a_resume_from_a_position_a_lagging_relay_has_not_reached_yet_is_still_a_resume(
         relay_factory, redis_server):
-    """A position read on A can be ahead of B by the propagation delay. B answers it as
-    any position past its last seq (DESIGN §7): a fresh ``initial`` at B's own position,
-    then B's events from there on, in order, with no gap and nothing twice. Here B
-    lags for sure: it is frozen while A takes 9,000 events, and the client connects
-    while it is frozen."""
+    """A position read on A can be ahead of B by the propagation delay. The seq is in
+    the stream already, so B resumes the client once it has read that far rather than
+    answering ``initial`` as to a position from the future. Here B lags for sure: it is
+    frozen while A takes 9,000 events, and the client connects while it is frozen."""
     a = _brokered(relay_factory, redis_server)
     b = _brokered(relay_factory, redis_server)
     await _until_up(a, b)
@@ -270,18 +269,35 @@ async def test_a_position_a_lagging_relay_has_not_reached_gets_a_fresh_initial_n
         finally:
             b.proc.send_signal(signal.SIGCONT)
         async with await pending as ws:
-            answer = Reader(ws)
+            resumed = Reader(ws)
             try:
-                await answer.wait_count(1)
-                first = answer.messages[0]
+                await resumed.wait_count(1)
                 a.emit("tick", "m", n=total)
-                # Whatever B had not relayed when it answered follows, then the new one.
-                await answer.wait_count(1 + total + 1 - first["seq"], 30)
+                await resumed.wait_count(2)
             finally:
-                await answer.stop()
-    assert first["type"] == "initial" and first["epoch"] == epoch and first["seq"] < total, first
-    seqs = [message["seq"] for message in answer.messages[1:]]
-    assert seqs == list(range(first["seq"] + 1, total + 2)), seqs[:5]
+                await resumed.stop()
+    assert resumed.messages[0] == {"type": "resumed", "epoch": epoch, "since": total, "seq": total}, \
+        resumed.messages[0]
+    assert resumed.messages[1]["seq"] == total + 1
+
+
+async def test_a_position_no_relay_reaches_gets_initial_after_the_wait(relay_factory, redis_server):
+    """A position past anything in the stream (a client that lies, or one from before
+    Redis lost data under the same epoch name) waits RESUME_AHEAD at most, then gets
+    ``initial`` as any position past the last; the relay's other clients never wait."""
+    a = _brokered(relay_factory, redis_server)
+    await _until_up(a)
+    async with reading(a.url) as first:
+        await first.wait_count(1)
+        epoch = first.messages[0]["epoch"]
+        async with reading(f"{a.url}?epoch={epoch}&since=1000000") as waiting, \
+                reading(a.url) as other:
+            await other.wait_count(1)
+            a.state("m1", "on")
+            await other.wait_count(2)
+            await waiting.wait_count(1, 10)
+    assert waiting.messages[0]["type"] == "initial" and waiting.messages[0]["seq"] == 1
+    assert a.health()["resumes"]["out_of_range"] == 1
 
 
 EMIT_STEADILY = textwrap.dedent("""
@@ -570,6 +586,44 @@ async def test_redis_back_empty_with_nothing_pending_still_starts_a_new_epoch(re
     assert on_a.messages[2]["machines"] == on_b.messages[2]["machines"]
     assert on_a.frames[3] == on_b.frames[3]
     assert on_a.messages[3]["seq"] == 1
+
+
+async def test_redis_back_from_an_older_copy_starts_a_new_epoch_never_reuses_a_seq(
+        relay_factory, redis_server):
+    """A Redis with persistence that crashes comes back with its last snapshot: the
+    stream is shorter than what the relays have relayed. Going on would give seqs 4..6 a
+    second meaning; the relays start a new epoch instead, and clients a fresh ``initial``."""
+    a = _brokered(relay_factory, redis_server)
+    b = _brokered(relay_factory, redis_server)
+    await _until_up(a, b)
+    async with reading(a.url) as on_a, reading(b.url) as on_b:
+        await on_a.wait_count(1)
+        await on_b.wait_count(1)
+        old_epoch = on_a.messages[0]["epoch"]
+        for i in range(3):
+            a.state("m1", f"saved-{i}")
+        await on_b.wait_count(4)
+        await asyncio.to_thread(redis_server.save)  # the snapshot holds seqs 1..3
+        for i in range(3):
+            b.state("m1", f"lost-{i}")
+        await on_a.wait_count(7)
+        await on_b.wait_count(7)
+        await asyncio.to_thread(redis_server.restart, keep_data=True)
+        await on_a.wait_count(8, RECONNECT)
+        await on_b.wait_count(8, RECONNECT)
+        await _until_up(a, b)
+        a.state("m1", "after")
+        await on_a.wait_count(9)
+        await on_b.wait_count(9)
+    for client in (on_a, on_b):
+        assert [m["seq"] for m in client.messages[1:7]] == [1, 2, 3, 4, 5, 6]
+        fresh = client.messages[7]
+        assert fresh["type"] == "initial" and fresh["epoch"] != old_epoch, fresh
+        # A new epoch begins empty: the copy's registry (seqs 1..3) is not taken up.
+        assert fresh["seq"] == 0 and fresh["machines"] == [], fresh
+        assert client.messages[8]["seq"] == 1 and client.messages[8]["state"] == "after"
+    assert on_a.frames[7:] != [] and on_a.frames[8] == on_b.frames[8]
+    assert on_a.messages[7]["epoch"] == on_b.messages[7]["epoch"]
 
 
 def _runs(messages: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
