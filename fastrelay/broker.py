@@ -184,6 +184,10 @@ class RedisBroker:
         self._batch_no = 0
         self._publish_ok = True
         self._read_ok = False
+        #: Set while the reader holds the stream's position: only then does the
+        #: publisher publish, so that what it publishes reaches this relay's clients
+        #: as events (a take-up after it would fold them into a snapshot).
+        self._reading = asyncio.Event()
         self._took_up = False
         self._down_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,6 +219,7 @@ class RedisBroker:
         try:
             await asyncio.wait_for(self._take_up(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
             self._read_ok = True
+            self._reading.set()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._went_down("reader", exc)
         loop = asyncio.get_running_loop()
@@ -264,6 +269,7 @@ class RedisBroker:
             except (RedisError, OSError) as exc:
                 if who == "reader":
                     self._read_ok = False
+                    self._reading.clear()
                 else:
                     self._publish_ok = False
                 self._went_down(who, exc)
@@ -284,6 +290,7 @@ class RedisBroker:
         async def attempt() -> bool:
             nonlocal pending, last_sent
             await outbox.ready.wait()
+            await self._reading.wait()
             # --write-delay, as for the clients' writes: what comes within it of
             # the previous publish joins the next one; after a quiet spell, at once.
             wait = last_sent + self.write_delay - time.monotonic()
@@ -353,6 +360,7 @@ class RedisBroker:
                 await self._sync()
                 synced = True
                 self._read_ok = True
+                self._reading.set()
                 self._came_back()
             synced = False  # until this read succeeds
             epoch = hub.history.epoch
