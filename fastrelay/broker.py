@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +49,7 @@ from redis.exceptions import RedisError
 
 from ._hubdefs import PUBLISH_BUCKETS, BrokerStats
 from .history import new_epoch
+from .logs import LogLimiter
 from .outbox import Outbox, OutboxEntry
 from .redis_scripts import PUBLISH, SNAPSHOT
 
@@ -88,47 +90,92 @@ StreamEntry = tuple[int, bytes, bytes | None, float | None]
 #: Stream entries as redis-py parses them (RESP2, bytes, not decoded).
 RawEntries = list[tuple[bytes, dict[bytes, bytes]]]
 _loads = orjson.loads
+#: What new_epoch() makes (and a little more): anything else in the epoch key is not ours.
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _backoff(delay: float) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
+async def _cancelled(task: asyncio.Task[None], timeout: float = 1.0) -> None:
+    """Cancel ``task`` and wait for it to end, at most ``timeout``. The cancel is
+    repeated: redis-py's use of asyncio.wait_for can swallow one (Python 3.11) when
+    it lands as a reply completes, and the task would then run on."""
+    deadline = time.monotonic() + timeout
+    while not task.done() and time.monotonic() < deadline:
+        task.cancel()
+        await asyncio.wait([task], timeout=0.05)
+
+
+class ForeignData(ValueError):
+    """Something in Redis that no relay wrote (see redis_scripts for what they write)."""
+
+
 def _entry_seq(entry_id: bytes) -> int:
     """The seq of the last event of a stream entry, from its ID ``0-<seq>``."""
-    return int(entry_id.partition(b"-")[2])
+    head, _, tail = entry_id.partition(b"-")
+    if head != b"0" or not tail.isdigit():
+        raise ForeignData(f"stream entry ID {entry_id!r}")
+    return int(tail)
 
 
-def _stream_entries(raw: RawEntries) -> list[StreamEntry]:
-    """Each event of the stream entries ``raw``, in order: ``(seq, bytes, previous)``.
+def _epoch_text(raw: bytes) -> str:
+    """An epoch read from Redis, as the scripts make them."""
+    text = raw.decode("ascii", "replace")
+    if not _EPOCH.fullmatch(text):
+        raise ForeignData(f"epoch {raw[:80]!r}")
+    return text
 
-    An entry no relay wrote (see redis_scripts) is left out with a warning; the
-    gap it leaves makes the reader take the stream up anew.
-    """
+
+def _previous(value: bytes) -> bytes | None:
+    """A ``previous_state`` to splice into a frame: JSON null or a JSON string, checked,
+    since it goes into every client's stream as it is."""
+    if not value:
+        return None
+    if value != b"null":
+        try:
+            if value[:1] != b'"' or type(_loads(value)) is not str:
+                raise ForeignData(f"previous_state {value[:80]!r}")
+        except orjson.JSONDecodeError:
+            raise ForeignData(f"previous_state {value[:80]!r}") from None
+    return value
+
+
+def _entry_events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[StreamEntry]:
+    """The events of one stream entry; ForeignData when a relay did not write it."""
+    try:
+        last = _entry_seq(entry_id)
+        blob = fields[b"d"]
+        lengths = [int(size) for size in fields[b"l"].split(b",")]
+        previous = [_previous(before) for before in fields[b"p"].split(b"\n")]
+        stamps = [float(stamp) if stamp else None for stamp in fields[b"a"].split(b",")]
+        n = int(fields[b"n"])
+    except (KeyError, ValueError) as exc:
+        raise ForeignData(f"stream entry {entry_id!r}: {exc}") from None
+    if (not 0 < n <= last or len(lengths) != n or len(previous) != n or len(stamps) != n
+            or min(lengths) < 0 or sum(lengths) != len(blob)):
+        raise ForeignData(f"stream entry {entry_id!r}: its fields disagree")
+    events: list[StreamEntry] = []
+    offset = 0
+    seq = last - n
+    for size, before, stamp in zip(lengths, previous, stamps, strict=True):
+        seq += 1
+        events.append((seq, blob[offset:offset + size], before, stamp))
+        offset += size
+    return events
+
+
+def _stream_entries(raw: RawEntries) -> tuple[list[StreamEntry], ForeignData | None]:
+    """The events of the stream entries ``raw``, in order, up to the first one no relay
+    wrote; and what is wrong with that one (None: nothing)."""
     events: list[StreamEntry] = []
     for entry_id, fields in raw:
         try:
-            last = _entry_seq(entry_id)
-            blob = fields[b"d"]
-            lengths = fields[b"l"].split(b",")
-            previous = fields[b"p"].split(b"\n")
-            stamps = fields[b"a"].split(b",")
-            n = int(fields[b"n"])
-            if (len(lengths) != n or len(previous) != n or len(stamps) != n
-                    or sum(map(int, lengths)) != len(blob)):
-                raise ValueError("its fields disagree")
-        except (KeyError, ValueError) as exc:
-            log.warning("broker: stream entry %r is not one a relay wrote (%s); skipped",
-                        entry_id, exc)
-            continue
-        offset = 0
-        seq = last - n
-        for size, before, stamp in zip(lengths, previous, stamps, strict=True):
-            seq += 1
-            end = offset + int(size)
-            events.append((seq, blob[offset:end], before or None, float(stamp) if stamp else None))
-            offset = end
-    return events
+            events += _entry_events(entry_id, fields)
+        except ForeignData as exc:
+            return events, exc
+    return events, None
 
 
 def _machine(machine_id: bytes, record: bytes) -> dict[str, object] | None:
@@ -189,6 +236,8 @@ class RedisBroker:
         #: as events (a take-up after it would fold them into a snapshot).
         self._reading = asyncio.Event()
         self._took_up = False
+        self._stopping = False
+        self._log_limiter = LogLimiter(60.0)
         self._down_since: float | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.published = 0
@@ -231,20 +280,20 @@ class RedisBroker:
         if not self._tasks:
             return
         reader, publisher = self._tasks
-        reader.cancel()
+        self._stopping = True
+        await _cancelled(reader)
         outbox = self.outbox
         deadline = time.monotonic() + grace
         while len(outbox) and self._publish_ok and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        publisher.cancel()
-        await asyncio.gather(reader, publisher, return_exceptions=True)
+        await _cancelled(publisher)
         self._tasks = []
         if len(outbox):
             log.warning("broker: %d accepted event(s) not published before stopping", len(outbox))
         for client in (self._publisher, self._reader):
             try:
-                await client.aclose()
-            except (RedisError, OSError):
+                await asyncio.wait_for(client.aclose(), CONNECT_TIMEOUT)
+            except (RedisError, OSError, asyncio.TimeoutError):
                 pass
 
     def _went_down(self, who: str, exc: BaseException) -> None:
@@ -261,18 +310,23 @@ class RedisBroker:
             self.reconnects += 1
 
     async def _retrying(self, attempt: Callable[[], Awaitable[bool]], who: str) -> None:
-        """Run ``attempt`` forever; after a failure (False or an error) wait, with backoff."""
+        """Run ``attempt`` until the broker stops; after a failure (False or an error)
+        wait, with backoff. No error ends it: a task that died would leave the relay
+        saying it is up while nothing flows."""
         delay = BACKOFF_MIN
-        while True:
+        while not self._stopping:
             try:
                 ok = await attempt()
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - see the docstring
                 if who == "reader":
                     self._read_ok = False
                     self._reading.clear()
                 else:
                     self._publish_ok = False
-                self._went_down(who, exc)
+                if isinstance(exc, (RedisError, OSError)):
+                    self._went_down(who, exc)
+                elif self._log_limiter.allow(f"{who} error"):
+                    log.error("broker %s: %s", who, exc, exc_info=exc)
                 ok = False
             if ok:
                 delay = BACKOFF_MIN
@@ -325,8 +379,8 @@ class RedisBroker:
             args += (machine_id, state, given, activity, flags, len(data))
         keys = [self._epoch_key, self._seq_key, self._stream_prefix + (self._epoch or "-"),
                 self._registry_key, self._active_key, self._done_key]
-        epoch, last = await self._publish(keys=keys, args=args)
-        epoch, last = epoch.decode(), int(last)
+        raw_epoch, raw_last = await self._publish(keys=keys, args=args)
+        epoch, last = _epoch_text(raw_epoch), int(raw_last)
         if last > 0:
             self._published_to = (epoch, last)
         return epoch, last
@@ -368,18 +422,19 @@ class RedisBroker:
                                        count=READ_COUNT, block=BLOCK_MS)
             if reply:
                 streams = cast("list[tuple[bytes, RawEntries]]", reply)
-                synced = await self._deliver(_stream_entries(streams[0][1]))
+                synced = await self._deliver(*_stream_entries(streams[0][1]))
             else:
                 # Quiet for a while, or writing to another epoch's stream now.
                 current = cast("bytes | None", await reader.get(self._epoch_key))
-                synced = current is not None and current.decode() == epoch
+                synced = current == epoch.encode()
             return True
 
         await self._retrying(attempt, "reader")
 
-    async def _deliver(self, entries: list[StreamEntry]) -> bool:
-        """Relay the next entries; False when one is missing (the stream was trimmed
-        past this relay), after taking the stream up again."""
+    async def _deliver(self, entries: list[StreamEntry], foreign: ForeignData | None) -> bool:
+        """Relay the next events; when one is missing (the stream was trimmed past this
+        relay) or is not a relay's (``foreign``, or not an event), take the stream up
+        anew after it. Returns True: the position is the stream's."""
         hub = self.hub
         expected = hub.seq + 1
         count = 0
@@ -388,14 +443,24 @@ class RedisBroker:
                 break
             expected += 1
             count += 1
-        if count:
-            hub.relay_entries(entries if count == len(entries) else entries[:count])
-            self.received += count
-        if count < len(entries):
-            log.warning("broker: events %d to %d left the stream before this relay read them; "
-                        "taking the stream up anew", hub.seq + 1, entries[count][0] - 1)
-            await self._take_up()
+        taken = hub.relay_entries(entries if count == len(entries) else entries[:count])
+        self.received += taken
+        if taken < count:
+            foreign = ForeignData(f"event {hub.seq + 1} is not a JSON object")
+        if foreign is not None:
+            self._warn("foreign", "broker: the stream holds %s, which no relay wrote; taking "
+                       "the stream up anew after it", foreign)
+        elif count < len(entries):
+            self._warn("gap", "broker: events %d to %d left the stream before this relay read "
+                       "them; taking the stream up anew", hub.seq + 1, entries[count][0] - 1)
+        else:
+            return True
+        await self._take_up()
         return True
+
+    def _warn(self, key: str, message: str, *args: object) -> None:
+        if self._log_limiter.allow(key):
+            log.warning(message, *args)
 
     async def _sync(self) -> None:
         """After connecting: go on from where the hub is, or take the stream up anew."""
@@ -404,7 +469,7 @@ class RedisBroker:
         if epoch == hub.history.epoch and seq >= hub.seq:
             return
         if epoch != hub.history.epoch and self._took_up:
-            first = _stream_entries(cast(RawEntries, await self._reader.xrange(
+            first, _ = _stream_entries(cast(RawEntries, await self._reader.xrange(
                 self._stream_prefix + epoch, count=1)))
             if (not first and seq == 0) or (first and first[0][0] == 1):
                 # A new epoch began while we were cut off, and it begins empty:
@@ -416,7 +481,7 @@ class RedisBroker:
 
     async def _position(self) -> tuple[str, int]:
         reply = await self._run_snapshot(with_registry=False)
-        return reply[0].decode(), int(reply[1])
+        return _epoch_text(reply[0]), int(reply[1])
 
     async def _run_snapshot(self, *, with_registry: bool) -> list[bytes]:
         epoch = self.hub.history.epoch
@@ -429,7 +494,7 @@ class RedisBroker:
     async def _take_up(self) -> None:
         """Registry, position and history from Redis; every client gets a fresh ``initial``."""
         reply = await self._run_snapshot(with_registry=True)
-        epoch, seq = reply[0].decode(), int(reply[1])
+        epoch, seq = _epoch_text(reply[0]), int(reply[1])
         machines = []
         for k in range(2, len(reply) - 1, 2):
             machine = _machine(reply[k], reply[k + 1])
@@ -447,7 +512,7 @@ class RedisBroker:
         if not history.enabled or seq <= 0:
             return []
         oldest = max(seq - history.max_events + 1, 1)
-        pages: list[list[StreamEntry]] = []
+        newest_first: list[list[StreamEntry]] = []
         held = size = 0
         upper = f"0-{seq}"
         while held < history.max_events and size < history.max_bytes:
@@ -455,12 +520,20 @@ class RedisBroker:
                 self._stream_prefix + epoch, max=upper, min=f"0-{oldest}", count=8))
             if not raw:
                 break
-            page = _stream_entries(raw[::-1])
-            pages.append(page)
-            held += len(page)
-            size += sum(len(data) for _, data, _, _ in page)
+            for entry_id, fields in raw:
+                try:
+                    entry = _entry_events(entry_id, fields)
+                except ForeignData:
+                    raw = []  # nothing before it can be replayed
+                    break
+                newest_first.append(entry)
+                held += len(entry)
+                size += sum(len(data) for _, data, _, _ in entry)
+            if not raw:
+                break
             upper = "(" + raw[-1][0].decode()
-        events = [event for page in reversed(pages) for event in page if event[0] >= oldest]
+        events = [event for entry in reversed(newest_first) for event in entry
+                  if event[0] >= oldest]
         # Only an unbroken run that ends at seq can be replayed.
         if not events or events[-1][0] != seq:
             return []

@@ -79,6 +79,15 @@ _DETACH_DRAINS = 1000
 _GOING_AWAY = 1001
 
 
+def _stream_event(data: bytes) -> dict[str, object] | None:
+    """An event of a broker's stream as a dict; None when it is not a JSON object."""
+    try:
+        event = _loads(data)
+    except _JSONDecodeError:
+        return None
+    return event if type(event) is dict else None
+
+
 class Hub:
     """Datagram intake, machine registry and fan-out; one per RelayServer."""
 
@@ -243,24 +252,23 @@ class Hub:
             batch.frame(i, seq, _dumps(previous) if adds_previous else None)
         self.seq = seq
 
-    def relay_entries(self, entries: list[tuple[int, bytes, bytes | None, float | None]]) -> None:
+    def relay_entries(self, entries: list[tuple[int, bytes, bytes | None, float | None]]) -> int:
         """Take the next events of a broker's stream: each ``(seq, data, previous, at)``,
         the event's bytes as accepted, for a state change that needs one its
         ``previous_state`` as JSON (assigned where the order was), and for an event
-        without a timestamp the time the relay that accepted it gave it."""
+        without a timestamp the time the relay that accepted it gave it.
+
+        Returns how many were taken: all of them, up to the first that is not a JSON
+        object (no relay publishes one; the caller takes the stream up anew after it).
+        """
         batch = self._batch
         registry = self.registry
         keys = self._keys
+        taken = 0
         for seq, data, previous, at in entries:
-            try:
-                event = _loads(data)
-            except _JSONDecodeError:
-                event = None
-            if type(event) is not dict:
-                # Not what a relay publishes: someone else wrote to the stream.
-                self.rejects["invalid_json"] += 1
-                self.seq = seq
-                continue
+            event = _stream_event(data)
+            if event is None:
+                break
             machine_id = event.get("machine_id")
             if type(machine_id) is str:
                 registry.update(machine_id, event, at)
@@ -270,8 +278,10 @@ class Hub:
             keys.append((machine_id, kind if type(kind) is str else ""))
             batch.splice(data, seq, previous)
             self.seq = seq
+            taken += 1
         if batch.framed:
             self._schedule_write()
+        return taken
 
     def restart_stream(self, machines: list[dict[str, object]], epoch: str, seq: int,
                        entries: list[tuple[int, bytes, bytes | None, float | None]]) -> None:
@@ -280,6 +290,11 @@ class Hub:
         Every client then gets a fresh ``initial``."""
         self.flush()
         batch = self._batch
+        # Only what follows the last entry that is not an event can be replayed.
+        for index in range(len(entries) - 1, -1, -1):
+            if _stream_event(entries[index][1]) is None:
+                entries = entries[index + 1:]
+                break
         for entry_seq, data, previous, _ in entries:
             batch.splice(data, entry_seq, previous)
         frames = batch.frames()

@@ -41,10 +41,17 @@ __all__ = ["PUBLISH", "SNAPSHOT"]
 #: of it) first.
 _NEW_EPOCH = """
 local epoch = redis.call('GET', KEYS[1])
-if not epoch or (epoch == BELIEVED and tonumber(redis.call('GET', KEYS[2]) or '0') < SEEN) then
-  -- No stream (the first start, or Redis lost its data), or a shorter one than
-  -- a relay already has (Redis came back from an older copy of it): going on
-  -- would give seqs a second meaning. A new epoch begins, empty.
+local broken = not epoch or #epoch > 64 or not string.match(epoch, '^[%w_-]+$')
+if not broken and epoch == BELIEVED then
+  local known = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local top = redis.call('XREVRANGE', STREAM, '+', '-', 'COUNT', 1)[1]
+  -- Fewer events than a relay already has (Redis came back from an older copy),
+  -- or a newest entry that is not the last seq's (someone else wrote to it).
+  broken = known == nil or known < SEEN or (top ~= nil and top[1] ~= string.format('0-%d', known))
+end
+if broken then
+  -- No stream (the first start, or Redis lost its data), or one that cannot go
+  -- on without giving a seq a second meaning: a new epoch begins, empty.
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2], REGISTRY, ACTIVE, STREAM)
   redis.call('SET', KEYS[1], epoch)
@@ -74,6 +81,14 @@ local last = redis.call('INCRBY', KEYS[2], n)
 local seq = last - n
 local blob = ARGV[8]
 local call, find, sub, concat = redis.call, string.find, string.sub, table.concat
+-- A state as the relays write them: JSON null or a JSON string.
+local function json_state(text)
+  if text == 'null' or find(text, '^"[^"\\\\]*"$') then
+    return true
+  end
+  local ok, value = pcall(cjson.decode, text)
+  return ok and type(value) == 'string'
+end
 -- Each machine is read once and written once per batch, however many of its
 -- events the batch holds: {current, prior, activity, data, data offset, length, seq}.
 local machines, order = {}, {}
@@ -89,12 +104,16 @@ for b = 9, 8 + 6 * n, 6 do
     if not m then
       m = {'null', 'null', 'null', ''}
       local record = call('HGET', REGISTRY, id)
-      if record then
-        local i = find(record, '\\n', 1, true)
-        local j = find(record, '\\n', i + 1, true)
-        local k = find(record, '\\n', j + 1, true)
-        m[1], m[2], m[3], m[4] = sub(record, 1, i - 1), sub(record, i + 1, j - 1),
-                                 sub(record, j + 1, k - 1), sub(record, k + 1)
+      local i = record and find(record, '\\n', 1, true)
+      local j = i and find(record, '\\n', i + 1, true)
+      local k = j and find(record, '\\n', j + 1, true)
+      if k then
+        local current, prior, activity = sub(record, 1, i - 1), sub(record, i + 1, j - 1),
+                                         sub(record, j + 1, k - 1)
+        -- Spliced into every client's stream as they are: only what a relay wrote.
+        if json_state(current) and json_state(prior) and tonumber(activity) then
+          m[1], m[2], m[3], m[4] = current, prior, activity, sub(record, k + 1)
+        end
       end
       machines[id] = m
       order[#order + 1] = id

@@ -736,6 +736,8 @@ async def test_a_full_outbox_drops_and_counts_what_does_not_fit(relay_factory, r
         assert (_outbox(health), _dropped(health)) == (5, 3)
         await asyncio.to_thread(redis_server.restart)
         await _until_up(relay)
+        # "up" comes with the reader; the marker must find the outbox's room again.
+        await relay.until_health(lambda h: _outbox(h) == 0, what="the outbox published")
         relay.emit("marker")  # after the outbox: the next event once the 5 are delivered
         await client.wait_count(8)
     assert client.messages[1]["type"] == "initial"
@@ -765,6 +767,8 @@ async def test_the_outbox_bytes_bound_drops_and_counts_too(relay_factory, redis_
         assert _dropped(health) == 10 - kept
         await asyncio.to_thread(redis_server.restart)
         await _until_up(relay)
+        # "up" comes with the reader; the marker must find the outbox's room again.
+        await relay.until_health(lambda h: _outbox(h) == 0, what="the outbox published")
         relay.emit("marker")
         await client.wait_count(3 + kept)
     assert client.messages[1]["type"] == "initial"
@@ -926,3 +930,95 @@ def test_a_brokered_relay_stops_cleanly_while_redis_is_down(relay_factory, redis
     relay.emit("tick", "m")
     relay.wait_for(lambda: _outbox(relay.health()) == 1, 10, "1 in the outbox")
     assert relay.stop(signal.SIGTERM, timeout=10) == 0, "\n".join(relay.output)
+
+
+FLOOD = textwrap.dedent("""
+    import socket, sys, time
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    payload = b'{"type":"tick","machine_id":"flood","n":0}'
+    while True:
+        try:
+            sock.sendto(payload, sys.argv[1])
+        except BlockingIOError:
+            time.sleep(0.0001)
+        except OSError:
+            break  # the relay is gone
+""")
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_a_brokered_relay_under_load_stops_at_once(relay_factory, redis_server, round_):
+    """SIGTERM while events pour in and Redis answers: a cancel that redis-py swallows
+    must not keep the relay waiting for its broker tasks (it used to hang for good)."""
+    relay = _brokered(relay_factory, redis_server)
+    relay.wait_for(lambda: _up(relay.health()), RECONNECT, "ok/up")
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, relay.socket_path])
+    try:
+        relay.wait_for(lambda: relay.health()["seq"] > 2000, 20, "events flowing")
+        assert relay.stop(signal.SIGTERM, timeout=10) == 0, "\n".join(relay.output[-20:])
+    finally:
+        flood.kill()
+        flood.wait()
+
+
+def _shows_two(message: dict[str, Any]) -> bool:
+    if message["type"] == "initial":
+        return any(m["current_state"] == "two" for m in message["machines"])
+    return bool(message.get("state") == "two")
+
+
+def _redis(redis: RedisServer) -> Any:
+    import redis as redis_py  # the test's own client, to write what no relay would
+
+    return redis_py.Redis(port=redis.port)
+
+
+@pytest.mark.parametrize("foreign", ["star_id", "bad_fields", "not_an_object", "bad_previous",
+                                     "bad_epoch", "bad_record"])
+async def test_what_no_relay_wrote_in_redis_never_reaches_clients_and_the_stream_goes_on(
+        relay_factory, redis_server, foreign):
+    """Someone writes into the stream's keys: a relay never sends it on (or a frame
+    that is not JSON), never dies or hangs, and the stream goes on, under the same
+    epoch after a fresh ``initial`` or under a new one."""
+    a = _brokered(relay_factory, redis_server)
+    b = _brokered(relay_factory, redis_server)
+    await _until_up(a, b)
+    r = _redis(redis_server)
+    async with reading(a.url) as on_a, reading(b.url) as on_b:
+        await on_a.wait_count(1)
+        await on_b.wait_count(1)
+        epoch = on_a.messages[0]["epoch"]
+        a.state("m1", "one")
+        await on_b.wait_count(2)
+        stream = f"{{fastrelay}}:stream:{epoch}"
+        if foreign == "star_id":
+            r.xadd(stream, {"foo": "bar"})
+        elif foreign == "bad_fields":
+            r.xadd(stream, {"n": "1", "d": "x"}, id="0-2")
+            r.incr("{fastrelay}:seq")
+        elif foreign == "not_an_object":
+            r.xadd(stream, {"n": "1", "d": "[1]", "l": "3", "p": "", "a": ""}, id="0-2")
+            r.incr("{fastrelay}:seq")
+        elif foreign == "bad_previous":
+            r.xadd(stream, {"n": "1", "d": '{"type":"x"}', "l": "12", "p": "garbage", "a": ""},
+                   id="0-2")
+            r.incr("{fastrelay}:seq")
+        elif foreign == "bad_epoch":
+            r.set("{fastrelay}:epoch", b"\xff\xfe")
+        else:
+            r.hset("{fastrelay}:registry", "m1", "bad\nworse\nx\n")
+        b.state("m1", "two")
+        for client in (on_a, on_b):
+            # As an event, or in the fresh initial of a take-up that came after it.
+            await until(lambda c=client: any(_shows_two(m) for m in c.messages), 15,
+                        "the event after the foreign data")
+        await _until_up(a, b)
+    for client in (on_a, on_b):
+        assert all(m["type"] != "x" and m.get("foo") is None for m in client.messages)
+        for two in (m for m in client.messages if m.get("state") == "two"):
+            assert two["previous_state"] in ("one", None), two  # a new epoch begins empty
+        for frame in client.frames:
+            orjson.loads(frame)  # every frame is JSON
+        _runs(client.messages)  # each run of events follows its initial without a gap
+    r.close()
