@@ -128,18 +128,21 @@ def _epoch_text(raw: bytes) -> str:
     return text
 
 
-def _previous(value: bytes) -> bytes | None:
-    """A ``previous_state`` to splice into a frame: JSON null or a JSON string, checked,
-    since it goes into every client's stream as it is."""
-    if not value:
-        return None
-    if value != b"null":
+def _previous_states(field: bytes) -> list[bytes | None]:
+    """The ``p`` field of a stream entry: per event, the ``previous_state`` to splice in
+    (JSON null or a JSON string), or None. Checked, since each goes into every client's
+    stream as it is: all at once, as one JSON array that must hold exactly them."""
+    values = field.split(b"\n")
+    given = [value for value in values if value]
+    if given:
         try:
-            if value[:1] != b'"' or type(_loads(value)) is not str:
-                raise ForeignData(f"previous_state {value[:80]!r}")
+            parsed = _loads(b"[" + b",".join(given) + b"]")
         except orjson.JSONDecodeError:
-            raise ForeignData(f"previous_state {value[:80]!r}") from None
-    return value
+            parsed = None
+        if (type(parsed) is not list or len(parsed) != len(given)
+                or any(item is not None and type(item) is not str for item in parsed)):
+            raise ForeignData(f"previous states {field[:80]!r}")
+    return [value or None for value in values]
 
 
 def _entry_events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[StreamEntry]:
@@ -148,7 +151,7 @@ def _entry_events(entry_id: bytes, fields: dict[bytes, bytes]) -> list[StreamEnt
         last = _entry_seq(entry_id)
         blob = fields[b"d"]
         lengths = [int(size) for size in fields[b"l"].split(b",")]
-        previous = [_previous(before) for before in fields[b"p"].split(b"\n")]
+        previous = _previous_states(fields[b"p"])
         stamps = [float(stamp) if stamp else None for stamp in fields[b"a"].split(b",")]
         n = int(fields[b"n"])
     except (KeyError, ValueError) as exc:
