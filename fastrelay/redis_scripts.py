@@ -14,7 +14,8 @@ the scripts also run on one Redis Cluster node. The keys:
   ``timestamp`` of its own, or nothing; comma separated), so every relay's
   registry records the same ``last_activity``. One entry
   per batch is one XADD and one reply per batch, not per event. It is trimmed
-  by MINID to about its last ``cap`` events;
+  by MINID, exactly (a Redis macro node holds 100 entries, so ``~`` could keep
+  100 batches too many), to the entries that hold its last ``cap`` events;
 - ``{NAME}:registry``: machine id -> current state, previous state and last
   activity as JSON, then the bytes of its last event that carried ``data``
   (empty if none), newline separated (the event last: it may hold newlines);
@@ -164,7 +165,7 @@ local fields = {'n', n, 'd', blob, 'l', concat(lengths, ','), 'p', concat(previo
                 'a', concat(stamps, ',')}
 local keep = last - tonumber(ARGV[4])
 if keep > 0 then
-  call('XADD', KEYS[3], 'MINID', '~', string.format('0-%d', keep), entry, unpack(fields))
+  call('XADD', KEYS[3], 'MINID', string.format('0-%d', keep), entry, unpack(fields))
 else
   call('XADD', KEYS[3], entry, unpack(fields))
 end

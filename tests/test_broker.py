@@ -139,6 +139,24 @@ async def reading(url: str) -> AsyncIterator[Reader]:
             await reader.stop()
 
 
+async def _two_relays(factory: RelayFactory, redis: RedisServer, *extra: str,
+                      **options: Any) -> tuple[Relay, Relay]:
+    """Relays A and B on one Redis, both up."""
+    a = _brokered(factory, redis, *extra, **options)
+    b = _brokered(factory, redis, *extra, **options)
+    await _until_up(a, b)
+    return a, b
+
+
+@contextlib.asynccontextmanager
+async def reading_both(a: Relay, b: Relay) -> AsyncIterator[tuple[Reader, Reader]]:
+    """A client on each relay, once each has its ``initial``."""
+    async with reading(a.url) as on_a, reading(b.url) as on_b:
+        await on_a.wait_count(1)
+        await on_b.wait_count(1)
+        yield on_a, on_b
+
+
 def _assert_in_emit_order(events: list[dict[str, Any]], sources: dict[str, int]) -> None:
     """Each relay's events keep the order they were emitted in (``n`` counts per ``src``)."""
     for src, count in sources.items():
@@ -149,12 +167,8 @@ def _assert_in_emit_order(events: list[dict[str, Any]], sources: dict[str, int])
 
 
 async def test_two_relays_deliver_every_event_in_one_order_with_one_seq(relay_factory, redis_server):
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
-    async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+    a, b = await _two_relays(relay_factory, redis_server)
+    async with reading_both(a, b) as (on_a, on_b):
         first_a, first_b = on_a.messages[0], on_b.messages[0]
         assert first_a["type"] == first_b["type"] == "initial"
         assert first_a["epoch"] == first_b["epoch"]
@@ -200,9 +214,7 @@ async def test_an_event_without_a_timestamp_has_one_last_activity_on_every_relay
     """The registry's last_activity falls back to "now" for an event without a timestamp;
     whose now is decided once, so the relays (and one that takes the registry up from
     Redis later) keep one registry, not one each."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     a.send(b'{"type":"state_change","machine_id":"no-clock","state":"on"}')
     b.send(b'{"type":"log","machine_id":"also-no-clock","data":{"k":1}}')
     for relay in (a, b):
@@ -215,9 +227,7 @@ async def test_an_event_without_a_timestamp_has_one_last_activity_on_every_relay
 
 
 async def test_a_position_read_on_one_relay_resumes_on_another(relay_factory, redis_server):
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     async with reading(a.url) as stayed:  # the reference: connected all along
         await stayed.wait_count(1)
         epoch = stayed.messages[0]["epoch"]
@@ -251,9 +261,7 @@ async def test_a_resume_from_a_position_a_lagging_relay_has_not_reached_yet_is_s
     the stream already, so B resumes the client once it has read that far rather than
     answering ``initial`` as to a position from the future. Here B lags for sure: it is
     frozen while A takes 9,000 events, and the client connects while it is frozen."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     total = 9_000
     async with reading(a.url) as on_a:
         await on_a.wait_count(1)
@@ -315,9 +323,7 @@ async def test_a_client_hopping_between_relays_while_events_flow_misses_none(rel
     """Emitters send into both relays; a client reads a while from one relay, leaves,
     resumes on the other, and so on: every hop is a ``resumed``, and what it got in all
     is the stream, contiguous from seq 1, none missing, none twice."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     each = 1500
     async with reading(a.url) as first:
         await first.wait_count(1)
@@ -347,9 +353,7 @@ async def test_a_client_hopping_between_relays_while_events_flow_misses_none(rel
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 async def test_a_relay_started_anew_takes_registry_and_history_from_redis(relay_factory, redis_server,
                                                                           sig):
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     async with reading(a.url) as stayed:
         await stayed.wait_count(1)
         epoch = stayed.messages[0]["epoch"]
@@ -408,12 +412,8 @@ async def test_streams_of_other_names_on_one_redis_are_apart(relay_factory, redi
 
 
 async def test_the_relays_seq_replaces_the_emitters_and_rejects_take_none(relay_factory, redis_server):
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
-    async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+    a, b = await _two_relays(relay_factory, redis_server)
+    async with reading_both(a, b) as (on_a, on_b):
         a.send(b'{"type":"log","machine_id":"m1","seq":"mine","n":0}')
         await on_b.wait_count(2)
         b.send(b"not json")  # rejected by B: never published, takes no seq
@@ -426,9 +426,7 @@ async def test_the_relays_seq_replaces_the_emitters_and_rejects_take_none(relay_
 
 
 async def test_a_filtered_client_on_one_relay_sees_the_streams_seqs(relay_factory, redis_server):
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     async with reading(a.url) as everything, reading(f"{b.url}?machines=keep*") as filtered:
         await everything.wait_count(1)
         await filtered.wait_count(1)
@@ -442,9 +440,7 @@ async def test_a_filtered_client_on_one_relay_sees_the_streams_seqs(relay_factor
 
 
 async def test_the_history_in_redis_is_capped_by_history(relay_factory, redis_server):
-    a = _brokered(relay_factory, redis_server, "--history", "5")
-    b = _brokered(relay_factory, redis_server, "--history", "5")
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server, "--history", "5")
     async with reading(a.url) as stayed:
         await stayed.wait_count(1)
         epoch = stayed.messages[0]["epoch"]
@@ -466,9 +462,7 @@ async def test_a_relay_the_capped_stream_left_behind_starts_its_clients_over_nev
     """B is frozen while A takes more events than the stream keeps (at least 10,000):
     when B runs again what it missed is gone from Redis, so its clients get a fresh
     ``initial`` and go on from there; never a silent gap."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     total = 12_001
     async with reading(b.url) as on_b:
         await on_b.wait_count(1)
@@ -502,12 +496,8 @@ async def test_a_relay_the_capped_stream_left_behind_starts_its_clients_over_nev
 
 async def test_redis_lost_then_back_empty_starts_a_new_epoch_and_delivers_the_outbox(relay_factory,
                                                                                      redis_server):
-    a = _brokered(relay_factory, redis_server, ping_interval=0.5)
-    b = _brokered(relay_factory, redis_server, ping_interval=0.5)
-    await _until_up(a, b)
-    async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+    a, b = await _two_relays(relay_factory, redis_server, ping_interval=0.5)
+    async with reading_both(a, b) as (on_a, on_b):
         old_epoch = on_a.messages[0]["epoch"]
         for i in range(3):
             a.state("m1", f"old{i}")
@@ -562,12 +552,8 @@ async def test_redis_lost_then_back_empty_starts_a_new_epoch_and_delivers_the_ou
 
 
 async def test_redis_back_empty_with_nothing_pending_still_starts_a_new_epoch(relay_factory, redis_server):
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
-    async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+    a, b = await _two_relays(relay_factory, redis_server)
+    async with reading_both(a, b) as (on_a, on_b):
         old_epoch = on_a.messages[0]["epoch"]
         b.state("m1", "before")
         await on_a.wait_count(2)
@@ -593,12 +579,8 @@ async def test_redis_back_from_an_older_copy_starts_a_new_epoch_never_reuses_a_s
     """A Redis with persistence that crashes comes back with its last snapshot: the
     stream is shorter than what the relays have relayed. Going on would give seqs 4..6 a
     second meaning; the relays start a new epoch instead, and clients a fresh ``initial``."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
-    async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+    a, b = await _two_relays(relay_factory, redis_server)
+    async with reading_both(a, b) as (on_a, on_b):
         old_epoch = on_a.messages[0]["epoch"]
         for i in range(3):
             a.state("m1", f"saved-{i}")
@@ -646,9 +628,7 @@ async def test_redis_killed_while_events_flow_never_leaves_a_silent_gap(relay_fa
     both relays' clients every event follows the one before it or a fresh ``initial``;
     in each epoch the events are the emitter's, in order, none skipped; the last one
     arrives."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     total = 3000
     async with reading(a.url) as on_a, reading(b.url) as on_b:
         await on_a.wait_count(1)
@@ -981,9 +961,7 @@ async def test_what_no_relay_wrote_in_redis_never_reaches_clients_and_the_stream
     """Someone writes into the stream's keys: a relay never sends it on (or a frame
     that is not JSON), never dies or hangs, and the stream goes on, under the same
     epoch after a fresh ``initial`` or under a new one."""
-    a = _brokered(relay_factory, redis_server)
-    b = _brokered(relay_factory, redis_server)
-    await _until_up(a, b)
+    a, b = await _two_relays(relay_factory, redis_server)
     r = _redis(redis_server)
     async with reading(a.url) as on_a, reading(b.url) as on_b:
         await on_a.wait_count(1)

@@ -200,13 +200,17 @@ async def test_history_bytes_bound_the_history(relay_factory):
 async def test_a_long_replay_to_a_client_that_does_not_read_costs_at_most_its_bound(relay_factory):
     """10,000 events of history resumed by a client that reads nothing: the relay holds
     no more for it than its bound (the replay is pulled from the history as it
-    reads); once it reads, it gets all of them, in order."""
+    reads); once it reads, it gets all of them, in order.
+
+    The replay (~6.5 MB) is larger than the most a kernel lets one socket buffer
+    (net.ipv4.tcp_wmem's maximum, 4 MiB here, which a BBR-paced connection reaches
+    at once): with 2 MB the kernel took all of it and the relay never held any."""
     bound = 256 * KiB
     relay = relay_factory.start("--max-client-buffer", str(bound))
     async with await connect(relay.url) as ws:
         epoch = (await recv_json(ws))["epoch"]
     for i in range(10_000):
-        relay.emit("tick", "m", n=i, pad="r" * 200)
+        relay.emit("tick", "m", n=i, pad="r" * 600)
     await relay.until_accepted(10_000, timeout=30)
     link = Loopback()
     async with OwedWatch(relay) as owed:
