@@ -233,10 +233,10 @@ class RedisBroker:
         self._published_to = ("", 0)
         self._batch_no = 0
         self._publish_ok = True
-        self._read_ok = False
-        #: Set while the reader holds the stream's position: only then does the
-        #: publisher publish, so that what it publishes reaches this relay's clients
-        #: as events (a take-up after it would fold them into a snapshot).
+        #: Set while the reader holds the stream's position (its last round trip
+        #: succeeded): only then does the publisher publish, so that what it
+        #: publishes reaches this relay's clients as events (a take-up after it
+        #: would fold them into a snapshot).
         self._reading = asyncio.Event()
         self._took_up = False
         self._stopping = False
@@ -261,7 +261,7 @@ class RedisBroker:
 
     @property
     def up(self) -> bool:
-        return self._read_ok and self._publish_ok
+        return self._reading.is_set() and self._publish_ok
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -270,7 +270,6 @@ class RedisBroker:
         about CONNECT_TIMEOUT), then run the publisher and the reader."""
         try:
             await asyncio.wait_for(self._take_up(), CONNECT_TIMEOUT + COMMAND_TIMEOUT)
-            self._read_ok = True
             self._reading.set()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._went_down("reader", exc)
@@ -322,7 +321,6 @@ class RedisBroker:
                 ok = await attempt()
             except Exception as exc:  # noqa: BLE001 - see the docstring
                 if who == "reader":
-                    self._read_ok = False
                     self._reading.clear()
                 else:
                     self._publish_ok = False
@@ -355,19 +353,18 @@ class RedisBroker:
                 await asyncio.sleep(wait)
             if not pending:
                 self._batch_no += 1
-            entries = outbox.peek(pending or PUBLISH_EVENTS, PUBLISH_BYTES if not pending else 1 << 62)
+            entries = (outbox.peek(pending, 1 << 62) if pending
+                       else outbox.peek(PUBLISH_EVENTS, PUBLISH_BYTES))
             pending = len(entries)
             started = last_sent = time.monotonic()
-            epoch, last = await self._run_publish(entries)
+            self._epoch, last = await self._run_publish(entries)
             self._record_rtt(time.monotonic() - started)
             if last == -1:  # another epoch than we believed: nothing applied, send again
-                self._epoch = epoch
                 return True
             outbox.pop(pending)
             if last != -2:
                 self.published += pending
             pending = 0
-            self._epoch = epoch
             self._publish_ok = True
             self._came_back()
             return True
@@ -409,14 +406,13 @@ class RedisBroker:
     async def _read_forever(self) -> None:
         hub = self.hub
         reader = self._reader
-        synced = self._read_ok
+        synced = self._reading.is_set()
 
         async def attempt() -> bool:
             nonlocal synced
             if not synced:
                 await self._sync()
                 synced = True
-                self._read_ok = True
                 self._reading.set()
                 self._came_back()
             synced = False  # until this read succeeds

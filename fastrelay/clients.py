@@ -303,8 +303,8 @@ class Clients:
         #: With a broker (DESIGN §9), how long a client resuming from a position this
         #: relay has not relayed yet waits for it (0: such a position gets ``initial``).
         self.resume_ahead = 0.0
-        # Those clients, with their (epoch, since) and until when they wait.
-        self._ahead: dict[Client, tuple[tuple[str, str], float]] = {}
+        # Those clients: their (epoch, since) as asked, the seq, until when they wait.
+        self._ahead: dict[Client, tuple[tuple[str, str], int, float]] = {}
         self._ahead_handle: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -423,7 +423,7 @@ class Clients:
         if (self.resume_ahead <= 0 or parsed is None or parsed[0] != history.epoch
                 or parsed[1] <= history.last_seq or not history.enabled):
             return False
-        self._ahead[client] = (resume, _monotonic() + self.resume_ahead)
+        self._ahead[client] = (resume, parsed[1], _monotonic() + self.resume_ahead)
         if self._ahead_handle is None:
             self._ahead_handle = asyncio.get_running_loop().call_later(
                 self.resume_ahead, self._ahead_timer)
@@ -436,9 +436,8 @@ class Clients:
             return
         now = _monotonic()
         last = self.history.last_seq
-        for client, (resume, deadline) in list(self._ahead.items()):
-            parsed = parse_resume(*resume)
-            if parsed is not None and parsed[1] > last and now < deadline:
+        for client, (resume, since, deadline) in list(self._ahead.items()):
+            if since > last and now < deadline:
                 continue
             del self._ahead[client]
             if client.close_reason is None:
@@ -449,7 +448,7 @@ class Clients:
         self._flush()  # joining, as always, after everything accepted went out
         self.serve_waiting()
         if self._ahead:
-            wait = min(deadline for _, deadline in self._ahead.values()) - _monotonic()
+            wait = min(deadline for _, _, deadline in self._ahead.values()) - _monotonic()
             self._ahead_handle = asyncio.get_running_loop().call_later(
                 max(wait, 0.001), self._ahead_timer)
 

@@ -217,7 +217,6 @@ class Hub:
         if batch.brackets(i) > max_depth and nesting_depth(event, max_depth) > max_depth:
             rejects["too_deep"] += 1
             return
-        self.accepted += 1
         outbox = self.outbox
         if outbox is not None:
             if "seq" in event:
@@ -227,10 +226,12 @@ class Hub:
                 data = trimmed(_dumps(event))
             else:
                 data = batch.raw(i)
-            if not outbox.offer(event, data):
-                self.accepted -= 1
+            if outbox.offer(event, data):
+                self.accepted += 1
+            else:
                 rejects["broker_unavailable"] += 1
             return
+        self.accepted += 1
         machine_id = event.get("machine_id")
         previous = None
         if type(machine_id) is str:

@@ -58,6 +58,10 @@ class Outbox:
     def offer(self, event: dict[str, Any], data: bytes) -> bool:
         """Queue a validated ``event`` whose bytes are ``data`` (no ``seq`` in them);
         False when the outbox is full (the caller counts the drop)."""
+        # Refused before anything is prepared: a full outbox is when floods come.
+        if (len(self._entries) >= self.max_events
+                or self.nbytes + len(data) + ENTRY_OVERHEAD > self.max_bytes):
+            return False
         machine_id = event.get("machine_id")
         has_machine = type(machine_id) is str
         state = event.get("state")
@@ -83,7 +87,7 @@ class Outbox:
         )
         size = (len(entry[0]) + len(state_json) + len(given_json) + len(ts_json) + len(data)
                 + ENTRY_OVERHEAD)
-        if len(self._entries) >= self.max_events or self.nbytes + size > self.max_bytes:
+        if self.nbytes + size > self.max_bytes:
             return False
         self._entries.append((entry, size))
         self.nbytes += size
