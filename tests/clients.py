@@ -13,6 +13,18 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 PONG = '{"type":"pong"}'
 
 
+async def answer_ping(ws: websockets.ClientConnection) -> None:
+    """Send PONG unless this side has started closing.
+
+    On a closing connection `websockets` makes ``send`` wait until the close
+    completes (up to its close_timeout), and a reader task waiting there stops
+    reading: the relay's close frame, behind the rest of a lagging stream, is
+    then never read and the connection ends as 1006 instead of 1000.
+    """
+    if ws.state is websockets.State.OPEN:
+        await ws.send(PONG)
+
+
 async def connect(url: str, **kwargs: Any) -> websockets.ClientConnection:
     """A `websockets` client; its own keepalive is off so only the relay's pings exist."""
     kwargs.setdefault("ping_interval", None)
@@ -34,7 +46,7 @@ async def recv_events(ws: websockets.ClientConnection, n: int, timeout: float = 
         message = orjson.loads(await asyncio.wait_for(ws.recv(), max(remaining, 0)))
         if message.get("type") == "ping":
             if answer_pings:
-                await ws.send(PONG)
+                await answer_ping(ws)
             continue
         events.append(message)
     return events

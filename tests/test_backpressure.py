@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 import websockets
+from clients import answer_ping
 from netns import Loopback
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from relayproc import OwedWatch
@@ -290,7 +291,7 @@ async def read_checked(ws: websockets.ClientConnection, check: StreamCheck,
             message = await ws.recv(decode=False)  # bytes: no decoding of a 7 MB initial
             initials = check.initials
             if check.feed(message):
-                await ws.send(PONG.decode())
+                await answer_ping(ws)
             elif check.initials > initials and on_initial is not None:
                 await on_initial()
     except websockets.ConnectionClosed as exc:

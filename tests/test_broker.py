@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 import websockets
-from clients import PONG, connect
+from clients import answer_ping, connect
 from relayproc import Relay, RelayFactory
 from waiting import until
 
@@ -103,7 +103,7 @@ class Reader:
                 message = orjson.loads(raw)
                 if message.get("type") == "ping":
                     self.pings += 1
-                    await self.ws.send(PONG)
+                    await answer_ping(self.ws)
                     continue
                 self.frames.append(raw)
                 self.messages.append(message)
