@@ -152,9 +152,14 @@ async def _two_relays(factory: RelayFactory, redis: RedisServer, *extra: str,
 async def reading_both(a: Relay, b: Relay) -> AsyncIterator[tuple[Reader, Reader]]:
     """A client on each relay, once each has its ``initial``."""
     async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+        await _wait_both(on_a, on_b, 1)
         yield on_a, on_b
+
+
+async def _wait_both(on_a: Reader, on_b: Reader, n: int, timeout: float = 20.0) -> None:
+    """Until the clients of both relays hold ``n`` frames."""
+    await on_a.wait_count(n, timeout)
+    await on_b.wait_count(n, timeout)
 
 
 def _assert_in_emit_order(events: list[dict[str, Any]], sources: dict[str, int]) -> None:
@@ -176,12 +181,10 @@ async def test_two_relays_deliver_every_event_in_one_order_with_one_seq(relay_fa
         for i in range(200):  # both relays update the same machines
             a.state(f"m{i % 7}", f"a{i}", src="A", n=i)
             b.state(f"m{i % 7}", f"b{i}", src="B", n=i)
-        await on_a.wait_count(401)
-        await on_b.wait_count(401)
+        await _wait_both(on_a, on_b, 401)
         # One more, after the 400: it comes next on both, so neither got an extra one.
         a.emit("marker")
-        await on_a.wait_count(402)
-        await on_b.wait_count(402)
+        await _wait_both(on_a, on_b, 402)
     assert on_a.frames[1:] == on_b.frames[1:]  # byte for byte, in one order
     events = on_a.messages[1:]
     assert [e["seq"] for e in events] == list(range(1, 402))
@@ -418,8 +421,7 @@ async def test_the_relays_seq_replaces_the_emitters_and_rejects_take_none(relay_
         await on_b.wait_count(2)
         b.send(b"not json")  # rejected by B: never published, takes no seq
         b.send(b'{"type":"log","machine_id":"m1","seq":-5,"n":1}')
-        await on_a.wait_count(3)
-        await on_b.wait_count(3)
+        await _wait_both(on_a, on_b, 3)
     assert on_a.frames[1:] == on_b.frames[1:]
     assert [(e["n"], e["seq"]) for e in on_a.messages[1:]] == [(0, 1), (1, 2)]
     assert b.health()["rejects"]["invalid_json"] == 1 and a.health()["rejects"]["invalid_json"] == 0
@@ -504,8 +506,7 @@ async def test_redis_lost_then_back_empty_starts_a_new_epoch_and_delivers_the_ou
         old_epoch = on_a.messages[0]["epoch"]
         for i in range(3):
             a.state("m1", f"old{i}")
-        await on_a.wait_count(4)
-        await on_b.wait_count(4)
+        await _wait_both(on_a, on_b, 4)
 
         redis_server.kill()
         await _until_down(a, b)
@@ -525,11 +526,9 @@ async def test_redis_lost_then_back_empty_starts_a_new_epoch_and_delivers_the_ou
 
         await asyncio.to_thread(redis_server.restart)
         await _until_up(a, b)
-        await on_a.wait_count(15)
-        await on_b.wait_count(15)
+        await _wait_both(on_a, on_b, 15)
         a.emit("marker")  # comes next on both: nothing else, nothing twice
-        await on_a.wait_count(16)
-        await on_b.wait_count(16)
+        await _wait_both(on_a, on_b, 16)
     fresh_a, fresh_b = on_a.messages[4], on_b.messages[4]
     for fresh in (fresh_a, fresh_b):
         assert fresh["type"] == "initial", fresh
@@ -559,15 +558,12 @@ async def test_redis_back_empty_with_nothing_pending_still_starts_a_new_epoch(re
     async with reading_both(a, b) as (on_a, on_b):
         old_epoch = on_a.messages[0]["epoch"]
         b.state("m1", "before")
-        await on_a.wait_count(2)
-        await on_b.wait_count(2)
+        await _wait_both(on_a, on_b, 2)
         await asyncio.to_thread(redis_server.restart)  # nothing waits in either outbox
-        await on_a.wait_count(3, RECONNECT)
-        await on_b.wait_count(3, RECONNECT)
+        await _wait_both(on_a, on_b, 3, RECONNECT)
         await _until_up(a, b)
         b.state("m1", "after")
-        await on_a.wait_count(4)
-        await on_b.wait_count(4)
+        await _wait_both(on_a, on_b, 4)
     for client in (on_a, on_b):
         fresh = client.messages[2]
         assert fresh["type"] == "initial" and fresh["epoch"] != old_epoch and fresh["seq"] == 0, fresh
@@ -591,15 +587,12 @@ async def test_redis_back_from_an_older_copy_starts_a_new_epoch_never_reuses_a_s
         await asyncio.to_thread(redis_server.save)  # the snapshot holds seqs 1..3
         for i in range(3):
             b.state("m1", f"lost-{i}")
-        await on_a.wait_count(7)
-        await on_b.wait_count(7)
+        await _wait_both(on_a, on_b, 7)
         await asyncio.to_thread(redis_server.restart, keep_data=True)
-        await on_a.wait_count(8, RECONNECT)
-        await on_b.wait_count(8, RECONNECT)
+        await _wait_both(on_a, on_b, 8, RECONNECT)
         await _until_up(a, b)
         a.state("m1", "after")
-        await on_a.wait_count(9)
-        await on_b.wait_count(9)
+        await _wait_both(on_a, on_b, 9)
     for client in (on_a, on_b):
         assert [m["seq"] for m in client.messages[1:7]] == [1, 2, 3, 4, 5, 6]
         fresh = client.messages[7]
@@ -634,8 +627,7 @@ async def test_redis_killed_while_events_flow_never_leaves_a_silent_gap(relay_fa
     a, b = await _two_relays(relay_factory, redis_server)
     total = 3000
     async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+        await _wait_both(on_a, on_b, 1)
         emitter = subprocess.Popen([sys.executable, "-c", EMIT_STEADILY, a.socket_path, str(total), "A"])
         try:
             await on_b.wait_count(500, 30)
@@ -967,8 +959,7 @@ async def test_what_no_relay_wrote_in_redis_never_reaches_clients_and_the_stream
     a, b = await _two_relays(relay_factory, redis_server)
     r = _redis(redis_server)
     async with reading(a.url) as on_a, reading(b.url) as on_b:
-        await on_a.wait_count(1)
-        await on_b.wait_count(1)
+        await _wait_both(on_a, on_b, 1)
         epoch = on_a.messages[0]["epoch"]
         a.state("m1", "one")
         await on_b.wait_count(2)
